@@ -1,0 +1,169 @@
+"""Time-conditioned wrapper around the U-Net that nnU-Net plans (METHOD.md section 2).
+
+The planned U-Net (``PlainConvUNet``, ``ResidualEncoderUNet``, 2D or 3D) is built with
+C_img + C input channels. Every normalisation layer inside it is wrapped by a
+:class:`FiLMNorm` that applies a per-sample, per-channel scale and shift *after*
+normalisation, so the time signal cannot be normalised away (the reference code
+adds it before an InstanceNorm, which removes it). The projection producing the
+scales and shifts is zero-initialised: an untrained time path is the identity.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from nnunet_diffusion.config import DiffusionConfig
+from nnunet_diffusion.sampling import NetworkOutput, p_sample_loop
+
+_NORM_TYPES = (nn.modules.instancenorm._InstanceNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of base levels t ``(B,)`` -> ``(B, dim)`` float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class FiLMNorm(nn.Module):
+    """norm(x) * (1 + scale) + shift, with scale/shift set per forward by :class:`DiffusionUNet`."""
+
+    def __init__(self, norm: nn.Module, num_channels: int):
+        super().__init__()
+        self.norm = norm
+        self.num_channels = num_channels
+        self.scale: Optional[torch.Tensor] = None
+        self.shift: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        if self.scale is None:
+            return y
+        view = (y.shape[0], self.num_channels) + (1,) * (y.ndim - 2)
+        return torch.addcmul(self.shift.view(view).to(y.dtype), y, (1.0 + self.scale).view(view).to(y.dtype))
+
+
+def _norm_channels(norm: nn.Module) -> int:
+    return int(norm.num_channels if isinstance(norm, nn.GroupNorm) else norm.num_features)
+
+
+def wrap_norms(module: nn.Module) -> List[FiLMNorm]:
+    """Replace every normalisation layer below ``module`` by a :class:`FiLMNorm`, one per layer.
+
+    dynamic_network_architectures references a layer from several parents (e.g. ``block.norm``
+    and ``block.all_modules[1]``; the decoder holds the encoder), so every reference to the
+    same norm gets the same wrapper.
+    """
+    films: Dict[int, FiLMNorm] = {}
+    references = []
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, _NORM_TYPES):
+                references.append((parent, name, child))
+    for parent, name, child in references:
+        if id(child) not in films:
+            films[id(child)] = FiLMNorm(child, _norm_channels(child))
+        setattr(parent, name, films[id(child)])
+    return list(films.values())
+
+
+class DiffusionUNet(nn.Module):
+    """``network(image, xt, t) -> logits``: one denoising step.
+    ``network(image) -> logits``: the whole K-step sampling chain (METHOD.md section 4),
+    which is what nnU-Net's predictor, sliding window and mirroring call.
+
+    image ``(B, C_img, *spatial)``, xt ``(B, C, *spatial)``, t ``(B,)`` integer base levels
+    in [0, 1000]; logits ``(B, C, *spatial)`` (a list per scale under deep supervision).
+    """
+
+    def __init__(self, unet: nn.Module, num_image_channels: int, num_classes: int,
+                 config: DiffusionConfig = DiffusionConfig(), time_embed_dim: int = 128):
+        super().__init__()
+        self.unet = unet
+        self.num_image_channels = num_image_channels
+        self.num_classes = num_classes
+        self.config = config
+        self.time_embed_dim = time_embed_dim
+        hidden = 2 * time_embed_dim
+        self.time_mlp = nn.Sequential(nn.Linear(time_embed_dim, hidden), nn.SiLU(),
+                                      nn.Linear(hidden, hidden), nn.SiLU())
+        films = wrap_norms(unet)
+        if not films:
+            raise ValueError(f"{type(unet).__name__} has no normalisation layer to condition on time")
+        # plain list: the modules are already registered inside self.unet
+        self._films: List[FiLMNorm] = films
+        self.film_channels = [f.num_channels for f in films]
+        self.time_proj = nn.Linear(hidden, 2 * sum(self.film_channels))
+        nn.init.zeros_(self.time_proj.weight)
+        nn.init.zeros_(self.time_proj.bias)
+        # inference settings; the predictor may change them without touching the weights
+        self.sampling_steps: int = config.num_steps
+        self.sampler: str = config.sampler
+        # noise of the sampling chain: from ``generator`` if set, else a fresh generator seeded
+        # with ``seed`` at every call (so stock nnUNetv2_predict is deterministic), else torch's global RNG
+        self.generator: Optional[torch.Generator] = None
+        self.seed: Optional[int] = 0
+        self._schedule = config.inference_schedule()
+        self.training_schedule = config.training_schedule()
+
+    # nnU-Net's set_deep_supervision_enabled reaches network.decoder.deep_supervision
+    @property
+    def decoder(self) -> nn.Module:
+        return self.unet.decoder
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.unet.encoder
+
+    @property
+    def schedule(self):
+        if self._schedule.num_steps != self.sampling_steps:
+            self._schedule = self.config.inference_schedule(self.sampling_steps)
+        return self._schedule
+
+    def _condition(self, t: torch.Tensor, batch_size: int) -> None:
+        if t.ndim != 1 or t.shape[0] != batch_size:
+            raise ValueError(f"t must have shape ({batch_size},), got {tuple(t.shape)}")
+        emb = self.time_mlp(timestep_embedding(t, self.time_embed_dim))
+        params = self.time_proj(emb)
+        start = 0
+        for film, c in zip(self._films, self.film_channels):
+            film.scale = params[:, start:start + c]
+            film.shift = params[:, start + c:start + 2 * c]
+            start += 2 * c
+
+    def _clear(self) -> None:
+        for film in self._films:
+            film.scale = film.shift = None
+
+    def denoise(self, image: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> NetworkOutput:
+        """One denoising step, see class docstring."""
+        if xt.shape[1] != self.num_classes:
+            raise ValueError(f"xt must have {self.num_classes} channels, got {xt.shape[1]}")
+        self._condition(t, image.shape[0])
+        try:
+            return self.unet(torch.cat([image, xt.to(image.dtype)], dim=1))
+        finally:
+            self._clear()
+
+    def sample(self, image: torch.Tensor) -> NetworkOutput:
+        """The K-step chain from pure noise; returns the last step's logits."""
+        generator = self.generator
+        if generator is None and self.seed is not None:
+            generator = torch.Generator(device=image.device).manual_seed(self.seed)
+        return p_sample_loop(self.denoise, image, self.schedule, self.num_classes, sampler=self.sampler,
+                             prediction=self.config.prediction, generator=generator)
+
+    def forward(self, image: torch.Tensor, xt: Optional[torch.Tensor] = None,
+                t: Optional[torch.Tensor] = None) -> NetworkOutput:
+        if image.shape[1] != self.num_image_channels:
+            raise ValueError(f"expected an image with {self.num_image_channels} channel(s), got {image.shape[1]}")
+        if xt is None:
+            return self.sample(image)
+        if t is None:
+            raise ValueError("a denoising step needs both xt and t")
+        return self.denoise(image, xt, t)

@@ -1,0 +1,65 @@
+"""Noisy-mask construction for a training step (METHOD.md section 3), incl. recycling.
+
+Pure functions of tensors: they take the network as a callable and never touch
+nnU-Net. Every random draw takes a ``torch.Generator`` so tests are exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from nnunet_diffusion.sampling import interpret_output
+from nnunet_diffusion.schedule import Schedule
+
+# full-resolution network call: (image, xt, t) -> output (tensor)
+FullResDenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class NoisyBatch:
+    """What the supervised pass needs: xt ``(B, C, *spatial)``, levels k ``(B,)`` (1-based),
+    base levels t ``(B,)`` and the noise eps used to make xt from its mask (for eps prediction)."""
+    xt: torch.Tensor
+    k: torch.Tensor
+    t: torch.Tensor
+    eps: torch.Tensor
+
+
+def sample_levels(batch_size: int, num_steps: int, device: torch.device,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """k uniform on {1 ... K}, one per sample, shape ``(B,)``."""
+    return torch.randint(1, num_steps + 1, (batch_size,), device=device, generator=generator)
+
+
+def make_noisy_mask(denoise_fn: FullResDenoiseFn, image: torch.Tensor, x0: torch.Tensor, schedule: Schedule,
+                    *, recycle: bool, prediction: str = "x0", k: Optional[torch.Tensor] = None,
+                    generator: Optional[torch.Generator] = None) -> NoisyBatch:
+    """Build the noisy mask x_t the supervised pass is trained on.
+
+    Recipe (paper eq. 8-9):
+      1. k ~ U{1 ... K} per sample (unless given).
+      2. without recycling: x_t = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps.
+      3. with recycling: k' = min(k + 1, K);
+         x_{k'} = sqrt(abar_k') x0 + sqrt(1 - abar_k') eps1;
+         x0_hat' = 2 softmax(net(image, x_{k'}, t_{k'})) - 1, without gradient;
+         x_t = sqrt(abar_k) x0_hat' + sqrt(1 - abar_k) eps2, eps2 fresh noise.
+
+    image ``(B, C_img, *spatial)``, x0 ``(B, C, *spatial)`` on the +-1 scale.
+    """
+    K = schedule.num_steps
+    if k is None:
+        k = sample_levels(x0.shape[0], K, x0.device, generator)
+    source = x0
+    if recycle:
+        k_next = (k + 1).clamp(max=K)
+        eps1 = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_next = schedule.q_sample(x0, k_next, eps1)
+        with torch.no_grad():
+            out = denoise_fn(image, x_next, schedule.timesteps_of(k_next))
+            source, _ = interpret_output(out, x_next, schedule.extract("alpha_bar", k_next, x0.ndim), prediction)
+        source = source.detach().to(x0.dtype)
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    xt = schedule.q_sample(source, k, eps)
+    return NoisyBatch(xt=xt, k=k, t=schedule.timesteps_of(k), eps=eps)

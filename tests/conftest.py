@@ -1,0 +1,44 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nnunet_diffusion.config import DiffusionConfig
+from nnunet_diffusion.network import DiffusionUNet
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+BIN = os.path.dirname(sys.executable)
+
+
+def tiny_unet(dim: int = 3, in_channels: int = 3, num_classes: int = 3, deep_supervision: bool = False,
+              arch: str = "plain"):
+    """A small planned-style U-Net from dynamic_network_architectures (what nnU-Net builds)."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+    conv = torch.nn.Conv3d if dim == 3 else torch.nn.Conv2d
+    norm = torch.nn.InstanceNorm3d if dim == 3 else torch.nn.InstanceNorm2d
+    common = dict(input_channels=in_channels, n_stages=3, features_per_stage=[4, 8, 16], conv_op=conv,
+                  kernel_sizes=3, strides=[1, 2, 2], num_classes=num_classes, conv_bias=True, norm_op=norm,
+                  norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
+                  nonlin_kwargs={"inplace": True}, deep_supervision=deep_supervision)
+    if arch == "plain":
+        return PlainConvUNet(n_conv_per_stage=2, n_conv_per_stage_decoder=1, **common)
+    return ResidualEncoderUNet(n_blocks_per_stage=[1, 1, 1], n_conv_per_stage_decoder=1, **common)
+
+
+def tiny_diffusion_net(dim: int = 3, image_channels: int = 1, num_classes: int = 3, deep_supervision=False,
+                       arch: str = "plain", config: DiffusionConfig = DiffusionConfig()) -> DiffusionUNet:
+    torch.manual_seed(0)
+    unet = tiny_unet(dim, image_channels + num_classes, num_classes, deep_supervision, arch)
+    return DiffusionUNet(unet, image_channels, num_classes, config, time_embed_dim=16)
+
+
+def run(cmd, env=None, check=True, timeout=900):
+    """Run a command, print its output on failure."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc

@@ -1,0 +1,4 @@
+"""The default diffusion trainer (``-tr DiffusionTrainer``)."""
+from nnunet_diffusion.trainer import DiffusionTrainer
+
+__all__ = ["DiffusionTrainer"]
