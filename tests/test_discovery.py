@@ -1,0 +1,68 @@
+"""nnU-Net must find the trainers through nnUNet_extTrainer, from a clean process."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nnunet_diffusion.cli import trainers_path
+
+FIND = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
+        "import sys\n"
+        "c = f(sys.argv[1])\n"
+        "print('FOUND', c.__module__, c.__name__, c.__mro__[1].__name__)\n")
+
+
+def _find(name, ext):
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
+    if ext is not None:
+        env["nnUNet_extTrainer"] = ext
+    return subprocess.run([sys.executable, "-c", FIND, name], env=env, capture_output=True, text=True,
+                          cwd=os.path.expanduser("~"))
+
+
+def test_trainers_path_is_a_folder_of_thin_trainer_modules():
+    path = trainers_path()
+    assert os.path.isdir(path) and "site-packages" != os.path.basename(path)
+    modules = sorted(f for f in os.listdir(path) if f.endswith(".py") and f != "__init__.py")
+    assert "DiffusionTrainer.py" in modules
+    for m in modules:  # thin: no module defines training logic itself
+        assert len(open(os.path.join(path, m)).read().splitlines()) < 20, m
+
+
+def test_cli_prints_the_path():
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "nnunet-diffusion"), "trainers-path"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == trainers_path()
+
+
+@pytest.mark.parametrize("name,module,parent", [
+    ("DiffusionTrainer", "nnunet_diffusion.trainer", "nnUNetTrainer"),
+    ("DiffusionTrainer_noRecycle", "nnunet_diffusion.variants", "DiffusionTrainer"),
+    ("DiffusionTrainer_3ep7it", "nnunet_diffusion.budget", "DiffusionTrainer"),
+    ("nnUNetTrainer_3ep7it", "nnunet_diffusion.budget", "nnUNetTrainer"),
+])
+def test_discovery_from_clean_process(name, module, parent):
+    proc = _find(name, trainers_path())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"FOUND {module} {name} {parent}" in proc.stdout
+
+
+def test_missing_variable_fails():
+    proc = _find("DiffusionTrainer", None)
+    assert proc.returncode != 0
+    assert "Could not find requested nnunet trainer DiffusionTrainer" in proc.stderr
+
+
+def test_budget_trainer_settings():
+    from nnunet_diffusion.budget import make_budget_trainer, parse_budget
+    cls = make_budget_trainer("DiffusionTrainer_noRecycle_4ep10it")
+    assert cls.__name__ == "DiffusionTrainer_noRecycle_4ep10it"
+    assert cls.diffusion.recycle is False
+    assert make_budget_trainer("DiffusionTrainer_noRecycle_4ep10it") is cls
+    assert parse_budget("5x20") == (5, 20)
+    for bad in ("5", "0x3", "ax3", "3x-1"):
+        with pytest.raises(ValueError):
+            parse_budget(bad)
+    with pytest.raises(AttributeError):
+        make_budget_trainer("DiffusionTrainer_0ep3it")
