@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Sets up .venv (if needed), then trains DiffusionTrainer briefly on the bundled Hippocampus cases,
+# predicts the held-out cases with nnUNetv2_predict, prints Dice and writes demo_output/demo_slice.png.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e .
+exec .venv/bin/python -m nnunet_diffusion.demo "$@"
