@@ -14,7 +14,8 @@ mirroring and export all see the logits the user will get.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+import os
+from typing import ClassVar, Union
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -91,6 +92,39 @@ class DiffusionTrainer(nnUNetTrainer):
         output = self.network(data, noisy.xt, noisy.t)
         return self.loss(output, target)
 
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, filename: str) -> None:
+        """Overrides nnUNetTrainer.save_checkpoint to (1) record the diffusion settings, which decide how the
+        weights must be used, and (2) write atomically: a temporary file in the same folder, flushed to disk,
+        then renamed, so a kill at any moment leaves the previous or the new checkpoint, never a torn one."""
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file('No checkpoint written, checkpointing is disabled')
+            return
+        checkpoint = {
+            'network_weights': self.diffusion_network.state_dict(),
+            'optimizer_state': self.optimizer.state_dict(),
+            'grad_scaler_state': self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            'logging': self.logger.get_checkpoint(),
+            '_best_ema': self._best_ema,
+            'current_epoch': self.current_epoch + 1,
+            'init_args': self.my_init_kwargs,
+            'trainer_name': self.__class__.__name__,
+            'inference_allowed_mirroring_axes': self.inference_allowed_mirroring_axes,
+            'diffusion': self.diffusion.to_dict(),
+        }
+        atomic_torch_save(checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
+        """Overrides nnUNetTrainer.load_checkpoint to refuse corrupt checkpoints and checkpoints trained with
+        other diffusion settings (another K, another variant) with a clear message."""
+        checkpoint = read_checkpoint(filename_or_checkpoint) if isinstance(filename_or_checkpoint, str) \
+            else filename_or_checkpoint
+        check_diffusion_settings(checkpoint, self.diffusion, str(filename_or_checkpoint)
+                                 if isinstance(filename_or_checkpoint, str) else 'checkpoint')
+        super().load_checkpoint(filename_or_checkpoint)
+
     # ------------------------------------------------------------------ nnU-Net hooks
     def train_step(self, batch: dict) -> dict:
         """Overrides nnUNetTrainer.train_step: the forward pass is a diffusion step; the optimiser part is stock."""
@@ -115,3 +149,46 @@ class DiffusionTrainer(nnUNetTrainer):
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
         return {'loss': loss.detach().cpu().numpy()}
+
+
+def atomic_torch_save(obj: dict, filename: str) -> None:
+    """torch.save to ``filename`` via a temporary file in the same folder and an atomic rename."""
+    tmp = f"{filename}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, filename)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_checkpoint(filename: str) -> dict:
+    """Load a checkpoint on the CPU, turning unreadable files into a clear error."""
+    try:
+        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise RuntimeError(f"checkpoint {filename} is corrupt or truncated and cannot be loaded "
+                           f"({type(e).__name__}: {e}). Use another checkpoint or retrain.") from e
+    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
+        raise RuntimeError(f"{filename} is not an nnU-Net checkpoint (no 'network_weights').")
+    return checkpoint
+
+
+def check_diffusion_settings(checkpoint: dict, expected: DiffusionConfig, source: str) -> None:
+    """Refuse a checkpoint whose recorded diffusion settings differ from ``expected``."""
+    saved = checkpoint.get("diffusion")
+    if saved is None:
+        raise ValueError(f"{source} holds no diffusion settings: it was not written by a DiffusionTrainer "
+                         f"(trainer {checkpoint.get('trainer_name')!r}).")
+    want = expected.to_dict()
+    diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs trainer {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{source} was trained with other diffusion settings ({detail}); refusing to load it. "
+                         f"Use the trainer it was trained with (checkpoint trainer: "
+                         f"{checkpoint.get('trainer_name')!r}).")

@@ -7,9 +7,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from nnunet_diffusion.trainer import DiffusionTrainer
+import torch
+import torch.nn.functional as F
 
-__all__ = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_1000steps"]
+from nnunet_diffusion.sampling import full_resolution, logits_from_mask, x0_from_eps
+from nnunet_diffusion.trainer import DiffusionTrainer
+from nnunet_diffusion.training import NoisyBatch
+
+__all__ = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTrainer_predictNoise",
+           "DiffusionTrainer_1000steps"]
 
 
 class DiffusionTrainer_noRecycle(DiffusionTrainer):
@@ -17,6 +23,42 @@ class DiffusionTrainer_noRecycle(DiffusionTrainer):
     diffusion = replace(DiffusionTrainer.diffusion, recycle=False)
 
 
+class DiffusionTrainer_noDice(DiffusionTrainer):
+    """Cross-entropy only (Table 2b)."""
+    diffusion = replace(DiffusionTrainer.diffusion, use_dice=False)
+
+    def _build_loss(self):
+        """Overrides nnUNetTrainer._build_loss: nnU-Net's DC_and_CE_loss with the Dice weight set to 0."""
+        loss = super()._build_loss()
+        inner = loss.loss if hasattr(loss, "weight_factors") else loss
+        inner.weight_dice = 0
+        return loss
+
+
 class DiffusionTrainer_1000steps(DiffusionTrainer):
     """Training levels drawn over all 1001 base levels; inference keeps the 5-level chain (Table 2d)."""
     diffusion = replace(DiffusionTrainer.diffusion, train_num_steps=DiffusionTrainer.diffusion.num_base_levels)
+
+
+class DiffusionTrainer_predictNoise(DiffusionTrainer):
+    """The network predicts the noise eps (Table 2a).
+
+    x0_hat = clip((x_t - sqrt(1 - abar) eps_hat) / sqrt(abar), -1, 1);
+    logits = log(clip((x0_hat + 1) / 2, 1e-5, 1));
+    loss = mse_weight * MSE(eps_hat, eps) + nnU-Net's Dice + CE on those logits
+    (at every deep-supervision scale, x_t area-downsampled to that scale).
+    """
+    diffusion = replace(DiffusionTrainer.diffusion, prediction="eps")
+
+    def compute_loss(self, data: torch.Tensor, target, noisy: NoisyBatch) -> torch.Tensor:
+        output = self.network(data, noisy.xt, noisy.t)
+        outputs = output if isinstance(output, (list, tuple)) else [output]
+        alpha_bar = self.diffusion_network.training_schedule.extract("alpha_bar", noisy.k, noisy.xt.ndim)
+        logits = []
+        for eps_hat in outputs:
+            xt = noisy.xt if eps_hat.shape[2:] == noisy.xt.shape[2:] else \
+                F.interpolate(noisy.xt, size=eps_hat.shape[2:], mode="area")
+            logits.append(logits_from_mask(x0_from_eps(xt, eps_hat, alpha_bar)))
+        seg_loss = self.loss(logits if isinstance(output, (list, tuple)) else logits[0], target)
+        mse = F.mse_loss(full_resolution(output).float(), noisy.eps.float())
+        return seg_loss + self.diffusion.mse_weight * mse

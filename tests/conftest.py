@@ -5,12 +5,16 @@ import sys
 import pytest
 import torch
 
+from nnunet_diffusion.cli import trainers_path
+from nnunet_diffusion.synthetic import make_synthetic_dataset
+
 from nnunet_diffusion.config import DiffusionConfig
 from nnunet_diffusion.network import DiffusionUNet
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 BIN = os.path.dirname(sys.executable)
+DATASET = "Dataset990_Synthetic"
 
 
 def tiny_unet(dim: int = 3, in_channels: int = 3, num_classes: int = 3, deep_supervision: bool = False,
@@ -42,3 +46,21 @@ def run(cmd, env=None, check=True, timeout=900):
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-4000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """A planned and preprocessed tiny synthetic dataset (2d, 3d_fullres) and the nnU-Net variables for it."""
+    root = tmp_path_factory.mktemp("nnunet")
+    env = dict(os.environ)
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
+               nnUNet_results=str(root / "res"), nnUNet_extTrainer=trainers_path(),
+               nnUNet_compile="f", nnUNet_def_n_proc="1", OMP_NUM_THREADS="2")
+    raw = make_synthetic_dataset(env["nnUNet_raw"], 990, "Synthetic", num_cases=8)
+    run([f"{BIN}/nnUNetv2_plan_and_preprocess", "-d", "990", "-c", "2d", "3d_fullres", "-np", "1"], env=env)
+    env["nnUNet_n_proc_DA"] = "0"  # only now: plan_and_preprocess fails with 0 (torch.set_num_threads(0))
+    env["root"] = str(root)
+    env["raw"] = raw
+    return env
+
+

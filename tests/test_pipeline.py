@@ -10,27 +10,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import BIN, run
-from nnunet_diffusion.cli import trainers_path
-from nnunet_diffusion.synthetic import make_synthetic_dataset
+from conftest import BIN, DATASET, run
 
-DATASET = "Dataset990_Synthetic"
 TR = "DiffusionTrainer_2ep3it"
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nnunet")
-    env = dict(os.environ)
-    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
-               nnUNet_results=str(root / "res"), nnUNet_extTrainer=trainers_path(),
-               nnUNet_compile="f", nnUNet_def_n_proc="1", OMP_NUM_THREADS="2")
-    raw = make_synthetic_dataset(env["nnUNet_raw"], 990, "Synthetic", num_cases=8)
-    run([f"{BIN}/nnUNetv2_plan_and_preprocess", "-d", "990", "-c", "2d", "3d_fullres", "-np", "1"], env=env)
-    env["nnUNet_n_proc_DA"] = "0"  # only now: plan_and_preprocess fails with 0 (torch.set_num_threads(0))
-    env["root"] = str(root)
-    env["raw"] = raw
-    return env
 
 
 def _train(env, tr, config="3d_fullres", extra=()):

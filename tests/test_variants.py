@@ -1,0 +1,111 @@
+"""Each ablation trainer changes exactly what it claims; checked on real nnU-Net trainers and batches."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from nnunet_diffusion.budget import make_budget_trainer
+from nnunet_diffusion.sampling import encode_mask, full_resolution
+from nnunet_diffusion.trainer import check_diffusion_settings
+from nnunet_diffusion.variants import (DiffusionTrainer_1000steps, DiffusionTrainer_noDice,
+                                       DiffusionTrainer_noRecycle, DiffusionTrainer_predictNoise)
+
+
+@pytest.fixture
+def make_trainer(env, monkeypatch):
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_compile",
+              "nnUNet_extTrainer"):
+        monkeypatch.setenv(k, env[k])
+    from nnunetv2.run.run_training import get_trainer_from_args
+    created = []
+
+    def make(name, config="3d_fullres"):
+        tr = get_trainer_from_args("990", config, 0, name, device=torch.device("cpu"))
+        tr.initialize()
+        tr.dataloader_train, tr.dataloader_val = tr.get_dataloaders()
+        created.append(tr)
+        return tr
+
+    yield make
+
+
+def _batch(tr):
+    torch.manual_seed(0)
+    batch = next(tr.dataloader_train)
+    return batch["data"], batch["target"]
+
+
+class Recorder:
+    """Wraps the network's denoising step and records every call's t."""
+
+    def __init__(self, net):
+        self.denoise, self.calls = net.denoise, []
+        net.denoise = self
+
+    def __call__(self, image, xt, t):
+        self.calls.append(t.tolist())
+        return self.denoise(image, xt, t)
+
+
+@pytest.mark.parametrize("config", ["3d_fullres", "2d"])
+def test_no_recycle_builds_noisy_mask_from_ground_truth(make_trainer, config):
+    tr = make_trainer("DiffusionTrainer_noRecycle_1ep1it", config)
+    data, target = _batch(tr)
+    rec = Recorder(tr.network)
+    torch.manual_seed(1)
+    noisy = tr.make_noisy_batch(data, target)
+    assert rec.calls == []  # no recycle pass
+    x0 = encode_mask(full_resolution(target), 3)
+    torch.testing.assert_close(noisy.xt, tr.diffusion_network.training_schedule.q_sample(x0, noisy.k, noisy.eps))
+
+
+def test_default_trainer_recycles_from_next_level(make_trainer):
+    tr = make_trainer("DiffusionTrainer_1ep1it")
+    data, target = _batch(tr)
+    rec = Recorder(tr.network)
+    noisy = tr.make_noisy_batch(data, target)
+    assert len(rec.calls) == 1
+    schedule = tr.diffusion_network.training_schedule
+    assert rec.calls[0] == schedule.timesteps_of((noisy.k + 1).clamp(max=5)).tolist()
+    x0 = encode_mask(full_resolution(target), 3)
+    # the noisy mask is not the ground truth's: it comes from the (untrained) prediction
+    assert not torch.allclose(noisy.xt, schedule.q_sample(x0, noisy.k, noisy.eps))
+
+
+def test_predict_noise_loss_includes_mse(make_trainer):
+    tr = make_trainer("DiffusionTrainer_predictNoise_1ep1it")
+    data, target = _batch(tr)
+    noisy = tr.make_noisy_batch(data, target)
+    loss = tr.compute_loss(data, target, noisy)
+    out = tr.network(data, noisy.xt, noisy.t)
+    mse = torch.nn.functional.mse_loss(out[0], noisy.eps)
+    # removing the MSE term must change the loss by exactly mse_weight * MSE
+    tr.diffusion = replace(tr.diffusion, mse_weight=0.0)  # instance attribute shadows the class setting
+    loss_without = tr.compute_loss(data, target, noisy)
+    assert float(mse) > 0.1
+    torch.testing.assert_close(loss - loss_without, 0.1 * mse, rtol=1e-4, atol=1e-5)
+    assert tr.diffusion_network.config.prediction == "eps"
+
+
+def test_no_dice_is_cross_entropy_only(make_trainer):
+    tr = make_trainer("DiffusionTrainer_noDice_1ep1it")
+    inner = tr.loss.loss
+    assert inner.weight_dice == 0 and inner.weight_ce == 1
+    ref = make_trainer("DiffusionTrainer_1ep1it")
+    assert ref.loss.loss.weight_dice == 1
+
+
+def test_1000_steps_trains_on_base_chain_and_infers_with_five():
+    cfg = DiffusionTrainer_1000steps.diffusion
+    assert cfg.training_schedule().num_steps == 1001
+    assert cfg.inference_schedule().timesteps.tolist() == [0, 250, 500, 750, 1000]
+
+
+def test_variant_settings_differ_and_checkpoints_are_refused_across_them():
+    configs = [c.diffusion for c in (DiffusionTrainer_noRecycle, DiffusionTrainer_noDice,
+                                     DiffusionTrainer_predictNoise, DiffusionTrainer_1000steps)]
+    assert len({tuple(sorted(c.to_dict().items())) for c in configs}) == 4
+    ckpt = {"diffusion": DiffusionTrainer_noRecycle.diffusion.to_dict(), "trainer_name": "DiffusionTrainer_noRecycle"}
+    check_diffusion_settings(ckpt, DiffusionTrainer_noRecycle.diffusion, "x")
+    with pytest.raises(ValueError, match="recycle"):
+        check_diffusion_settings(ckpt, make_budget_trainer("DiffusionTrainer_1ep1it").diffusion, "x")
