@@ -22,5 +22,8 @@ setup(
         "matplotlib",
     ],
     extras_require={"test": ["pytest>=7"]},
-    entry_points={"console_scripts": ["nnunet-diffusion=nnunet_diffusion.cli:main"]},
+    entry_points={"console_scripts": [
+        "nnunet-diffusion=nnunet_diffusion.cli:main",
+        "nnUNetv2_predict_diffusion=nnunet_diffusion.predict_cli:main",
+    ]},
 )

@@ -15,6 +15,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 BIN = os.path.dirname(sys.executable)
 DATASET = "Dataset990_Synthetic"
+TR = "DiffusionTrainer_2ep3it"  # a real DiffusionTrainer with a 2 x 3 iteration budget
 
 
 def tiny_unet(dim: int = 3, in_channels: int = 3, num_classes: int = 3, deep_supervision: bool = False,
@@ -64,3 +65,27 @@ def env(tmp_path_factory):
     return env
 
 
+
+
+def _train(env, tr, config="3d_fullres", extra=()):
+    return run([f"{BIN}/nnUNetv2_train", "990", config, "0", "-tr", tr, "-device", "cpu", *extra], env=env)
+
+
+def _fold(env, tr, config="3d_fullres"):
+    return os.path.join(env["nnUNet_results"], DATASET, f"{tr}__nnUNetPlans__{config}", "fold_0")
+
+
+@pytest.fixture(scope="session")
+def trained_3d(env):
+    proc = _train(env, TR)
+    assert "Mean Validation Dice" in proc.stdout
+    return _fold(env, TR)
+
+
+@pytest.fixture
+def inproc(env, monkeypatch):
+    """The nnU-Net variables of ``env`` in this process (for in-process trainers and predictors)."""
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_compile",
+              "nnUNet_extTrainer"):
+        monkeypatch.setenv(k, env[k])
+    return env

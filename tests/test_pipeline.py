@@ -10,24 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import BIN, DATASET, run
-
-TR = "DiffusionTrainer_2ep3it"
-
-
-def _train(env, tr, config="3d_fullres", extra=()):
-    return run([f"{BIN}/nnUNetv2_train", "990", config, "0", "-tr", tr, "-device", "cpu", *extra], env=env)
-
-
-def _fold(env, tr, config="3d_fullres"):
-    return os.path.join(env["nnUNet_results"], DATASET, f"{tr}__nnUNetPlans__{config}", "fold_0")
-
-
-@pytest.fixture(scope="module")
-def trained_3d(env):
-    proc = _train(env, TR)
-    assert "Mean Validation Dice" in proc.stdout
-    return _fold(env, TR)
+from conftest import BIN, DATASET, TR, _fold, _train, run
 
 
 def test_train_3d_writes_nnunet_outputs(trained_3d):

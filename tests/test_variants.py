@@ -12,10 +12,7 @@ from nnunet_diffusion.variants import (DiffusionTrainer_1000steps, DiffusionTrai
 
 
 @pytest.fixture
-def make_trainer(env, monkeypatch):
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_compile",
-              "nnUNet_extTrainer"):
-        monkeypatch.setenv(k, env[k])
+def make_trainer(inproc):
     from nnunetv2.run.run_training import get_trainer_from_args
     created = []
 

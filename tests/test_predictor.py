@@ -1,0 +1,198 @@
+"""DiffusionPredictor and nnUNetv2_predict_diffusion on a real (tiny) trained model."""
+import glob
+import itertools
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import BIN, run
+from nnunet_diffusion.noise import linear_index
+from nnunet_diffusion.predictor import DiffusionPredictor
+
+
+@pytest.fixture
+def trained(inproc, trained_3d):
+    return trained_3d
+
+
+def _predictor(trained_3d, **kw):
+    kw.setdefault("use_mirroring", True)
+    p = DiffusionPredictor(tile_step_size=0.5, use_gaussian=True, perform_everything_on_device=False,
+                           device=torch.device("cpu"), verbose=False, allow_tqdm=False,
+                           use_mirroring=kw.pop("use_mirroring"), **kw)
+    p.initialize_from_trained_model_folder(os.path.dirname(trained_3d), (0,), "checkpoint_final.pth")
+    return p
+
+
+class CallCounter:
+    def __init__(self, net):
+        self.denoise, self.calls = net.denoise, 0
+        net.denoise = self
+
+    def __call__(self, *a):
+        self.calls += 1
+        return self.denoise(*a)
+
+
+@pytest.mark.parametrize("tta,expected_per_tile", [("chain", 5), ("full", 5 * 8), ("off", 5)])
+def test_network_calls_per_tile(trained, tta, expected_per_tile):
+    p = _predictor(trained, tta=tta)
+    counter = CallCounter(p.diffusion_network)
+    image = torch.randn(1, 30, 30, 24)  # larger than the 20x24x20 patch: several tiles
+    p.predict_sliding_window_return_logits(image)
+    n_tiles = len(p._slicers)
+    assert n_tiles > 1
+    assert counter.calls == expected_per_tile * n_tiles
+
+
+def test_chain_mode_uses_every_mirroring_and_unmirrors(trained):
+    p = _predictor(trained, tta="chain", steps=8)
+    seen = []
+    net = p.diffusion_network
+    orig = net.denoise
+
+    def recording(image, xt, t):
+        seen.append(image.clone())
+        return orig(image, xt, t)
+
+    net.denoise = recording
+    x = torch.randn(1, 1, 20, 24, 20)
+    p._slicers = []
+    p._internal_maybe_mirror_and_predict(x)
+    combos = [()] + [c for i in range(3) for c in itertools.combinations([2, 3, 4], i + 1)]
+    assert len(seen) == 8
+    for img, axes in zip(seen, combos):
+        assert torch.equal(img, torch.flip(x, axes) if axes else x)
+
+
+def test_overlapping_tiles_receive_identical_noise(trained, monkeypatch):
+    p = _predictor(trained, tta="off")
+    records = []
+    orig = p._run_chain
+
+    def recording(x, noise, combos):
+        records.append((p._slicers[p._tile_index - 1][1:], [n.clone() for n in noise]))
+        return orig(x, noise, combos)
+
+    monkeypatch.setattr(p, "_run_chain", recording)
+    p.predict_sliding_window_return_logits(torch.randn(1, 30, 30, 24))
+    volume = torch.zeros(len(records[0][1]), 3, *p._volume_shape)
+    filled = torch.zeros(p._volume_shape, dtype=torch.bool)
+    overlaps = 0
+    for sl, noise in records:
+        stacked = torch.stack(noise)
+        region = volume[(slice(None), slice(None), *sl)]
+        seen_before = filled[sl]
+        if seen_before.any():
+            overlaps += 1
+            assert torch.equal(region[..., seen_before], stacked[..., seen_before])
+        volume[(slice(None), slice(None), *sl)] = stacked
+        filled[sl] = True
+    assert overlaps > 0
+    # and the noise is not the same everywhere: distinct voxels get distinct values
+    assert volume[0, 0][filled].unique().numel() > 0.99 * filled.sum()
+
+
+def test_linear_index_of_2d_tile_in_3d_case():
+    idx = linear_index((3, slice(2, 5), slice(0, 4)), (6, 7, 8), torch.device("cpu"))
+    assert idx.shape == (3, 4)
+    assert idx[0, 0] == (3 * 7 + 2) * 8 and idx[2, 3] == (3 * 7 + 4) * 8 + 3
+
+
+def test_certain_identical_samples_give_zero_mutual_information(trained):
+    p = _predictor(trained, tta="off", num_samples=3, uncertainty=True)
+    net = p.diffusion_network
+
+    def certain(image, xt, t):  # ignores the noise: every sample is the same, with certainty
+        logits = torch.zeros(image.shape[0], 3, *image.shape[2:])
+        logits[:, 1] = 50.0
+        return logits
+
+    net.denoise = certain
+    p.predict_sliding_window_return_logits(torch.randn(1, 30, 30, 24))
+    entropy_map, mi = p.uncertainty_maps
+    assert mi.abs().max() < 1e-6 and entropy_map.max() < 1e-6
+
+
+def _predict(env, trained_3d, inp, out, *extra):
+    return run([f"{BIN}/nnUNetv2_predict_diffusion", "-i", str(inp), "-o", str(out), "-d", "990", "-c",
+                "3d_fullres", "-f", "0", "-tr", "DiffusionTrainer_2ep3it", "-device", "cpu", *extra], env=env)
+
+
+@pytest.fixture(scope="module")
+def inputs(env, tmp_path_factory):
+    inp = tmp_path_factory.mktemp("in")
+    for case in ("case_003", "case_007"):
+        shutil.copy(os.path.join(env["raw"], "imagesTr", f"{case}_0000.nii.gz"), inp)
+    return inp
+
+
+def _arrays(folder):
+    return {os.path.basename(f): sitk.GetArrayFromImage(sitk.ReadImage(f))
+            for f in sorted(glob.glob(os.path.join(folder, "*.nii.gz")))}
+
+
+def test_seeded_prediction_is_bit_identical_and_seed_dependent(env, trained_3d, inputs, tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    _predict(env, trained_3d, inputs, a, "--seed", "3", "--save_probabilities", "-npp", "1", "-nps", "1")
+    _predict(env, trained_3d, inputs, b, "--seed", "3", "--save_probabilities", "-npp", "2", "-nps", "2")
+    _predict(env, trained_3d, inputs, c, "--seed", "4", "--save_probabilities", "-npp", "1", "-nps", "1")
+    for name in ("case_003.nii.gz", "case_007.nii.gz"):
+        assert open(a / name, "rb").read() == open(b / name, "rb").read()
+    for case in ("case_003", "case_007"):
+        pa = np.load(a / f"{case}.npz")["probabilities"]
+        assert np.array_equal(pa, np.load(b / f"{case}.npz")["probabilities"])
+        assert not np.array_equal(pa, np.load(c / f"{case}.npz")["probabilities"])
+
+
+def test_samples_and_uncertainty_maps(env, trained_3d, inputs, tmp_path):
+    out = tmp_path / "u"
+    _predict(env, trained_3d, inputs, out, "--num-samples", "3", "--uncertainty", "--save_probabilities",
+             "--steps", "3", "-npp", "1", "-nps", "1")
+    for case in ("case_003", "case_007"):
+        seg = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+        probs = np.load(out / f"{case}.npz")["probabilities"]
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-3)
+        # the segmentation is the argmax of the saved mean probabilities
+        assert np.array_equal(sitk.GetArrayFromImage(seg), probs.argmax(0))
+        for name in ("entropy", "mutual_info"):
+            m = sitk.ReadImage(str(out / f"{case}_{name}.nii.gz"))
+            assert m.GetSize() == seg.GetSize() and m.GetSpacing() == seg.GetSpacing()
+            assert m.GetOrigin() == seg.GetOrigin() and m.GetDirection() == seg.GetDirection()
+        ent = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_entropy.nii.gz")))
+        mi = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_mutual_info.nii.gz")))
+        assert ent.min() >= 0 and ent.max() <= math.log(3) + 1e-4
+        assert mi.min() >= 0 and np.all(mi <= ent + 1e-4)
+        assert mi.max() > 0  # an untrained-ish model disagrees with itself somewhere
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "0"], "--steps must be an integer in [1, 1001], got 0"),
+    (["--steps", "-3"], "--steps must be an integer in [1, 1001], got -3"),
+    (["--steps", "1002"], "--steps must be an integer in [1, 1001], got 1002"),
+    (["--steps", "2.5"], "--steps must be an integer in [1, 1001], got '2.5'"),
+    (["--num-samples", "0"], "--num-samples must be an integer >= 1, got 0"),
+])
+def test_invalid_options_are_refused(env, trained_3d, inputs, tmp_path, args, message):
+    proc = run([f"{BIN}/nnUNetv2_predict_diffusion", "-i", str(inputs), "-o", str(tmp_path / "x"), "-d", "990",
+                "-c", "3d_fullres", "-f", "0", "-tr", "DiffusionTrainer_2ep3it", "-device", "cpu", *args], env=env,
+               check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_wrong_channel_count_is_refused(env, trained_3d, inputs, tmp_path):
+    inp = tmp_path / "in2"
+    shutil.copytree(inputs, inp)
+    shutil.copy(inp / "case_003_0000.nii.gz", inp / "case_003_0001.nii.gz")
+    proc = run([f"{BIN}/nnUNetv2_predict_diffusion", "-i", str(inp), "-o", str(tmp_path / "x"), "-d", "990", "-c",
+                "3d_fullres", "-f", "0", "-tr", "DiffusionTrainer_2ep3it", "-device", "cpu"], env=env, check=False)
+    assert proc.returncode == 1
+    assert "case case_003 has 2 channel file(s) but the model expects 1" in proc.stderr
+    assert not (tmp_path / "x").exists()
