@@ -42,6 +42,47 @@ def _cmd_trainers_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labels(values: Optional[List[int]]) -> Optional[List[int]]:
+    if values is not None and any(v <= 0 for v in values):
+        raise ValueError(f"-l takes foreground labels (> 0), got {values}")
+    return values
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from nnunet_diffusion.evaluation import evaluate_folders
+    result = evaluate_folders(args.ref, args.pred, _labels(args.l), args.tolerance, args.file_ending)
+    os.makedirs(os.path.dirname(os.path.abspath(args.o)), exist_ok=True)
+    with open(args.o, "w") as f:
+        json.dump(result, f, indent=1)
+    s = result["summary"]["case"]
+    print(f"{result['summary']['num_cases']} cases: " + ", ".join(
+        f"{m.upper()} {s[m]['mean']:.3f} ({s[m]['std']:.3f})" for m in ("dice", "nsd", "hd95", "cd")))
+    if result["missing_predictions"]:
+        print(f"warning: {len(result['missing_predictions'])} reference case(s) have no prediction: "
+              f"{', '.join(result['missing_predictions'][:5])}", file=sys.stderr)
+    print(f"wrote {args.o}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from nnunet_diffusion.evaluation import compare
+    report = compare(args.a, args.b, args.labels, args.o, _labels(args.l), args.names, args.tolerance,
+                     file_ending=args.file_ending)
+    print(f"{report['num_cases']} cases. {report['verdict']}.")
+    print(f"wrote {os.path.join(args.o, 'report.md')}, report.json, per_class_dice.png")
+    return 0
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tolerance must be a positive number of mm, got {text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--tolerance must be a positive number of mm, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-diffusion",
                                      description="Diffusion segmentation (Fu et al. 2023) for nnU-Net v2.")
@@ -54,12 +95,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("trainers-path", help="print the folder to export as nnUNet_extTrainer")
     p.set_defaults(func=_cmd_trainers_path)
+
+    p = sub.add_parser("evaluate", help="paper metrics (Dice, NSD, HD95, centroid distance) of a prediction folder")
+    p.add_argument("ref", help="folder with reference label files")
+    p.add_argument("pred", help="folder with predicted label files (same names), or an nnU-Net results folder")
+    p.add_argument("-o", required=True, help="output JSON file")
+    p.add_argument("-l", type=int, nargs="+", default=None, help="foreground labels (default: all found)")
+    p.add_argument("--tolerance", type=_tolerance, default=1.0, help="NSD tolerance in mm (default 1.0)")
+    p.add_argument("--file-ending", default=".nii.gz")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("compare", help="two methods side by side: paper table, per-class Dice, paired tests")
+    p.add_argument("a", help="prediction folder or nnU-Net results folder (cross-validation predictions)")
+    p.add_argument("b", help="prediction folder or nnU-Net results folder")
+    p.add_argument("--labels", required=True, help="folder with the reference label files")
+    p.add_argument("-o", required=True, help="output folder for report.md, report.json, per_class_dice.png")
+    p.add_argument("-l", type=int, nargs="+", default=None, help="foreground labels (default: all found)")
+    p.add_argument("--names", nargs=2, default=None, help="names of A and B in the report")
+    p.add_argument("--tolerance", type=_tolerance, default=1.0, help="NSD tolerance in mm (default 1.0)")
+    p.add_argument("--file-ending", default=".nii.gz")
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"nnunet-diffusion {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
