@@ -28,7 +28,7 @@ from torch._dynamo import OptimizedModule
 from nnunet_diffusion.config import DiffusionConfig
 from nnunet_diffusion.network import DiffusionUNet
 from nnunet_diffusion.sampling import encode_mask, full_resolution
-from nnunet_diffusion.training import NoisyBatch, make_noisy_mask
+from nnunet_diffusion.training import NoisyBatch, full_resolution_pass, make_noisy_mask
 
 
 class DiffusionTrainer(nnUNetTrainer):
@@ -71,20 +71,11 @@ class DiffusionTrainer(nnUNetTrainer):
             mod = mod._orig_mod
         return mod
 
-    def _recycle_denoise(self, image: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Recycle pass: full-resolution output only (deep-supervision heads off), no gradient."""
-        decoder = self.diffusion_network.decoder
-        previous = decoder.deep_supervision
-        decoder.deep_supervision = False
-        try:
-            return full_resolution(self.network(image, xt, t))
-        finally:
-            decoder.deep_supervision = previous
-
     def make_noisy_batch(self, data: torch.Tensor, target) -> NoisyBatch:
         """x0 from the full-resolution label, then the noisy mask (with recycling if configured)."""
         x0 = encode_mask(full_resolution(target), self.label_manager.num_segmentation_heads)
-        return make_noisy_mask(self._recycle_denoise, data, x0, self.diffusion_network.training_schedule,
+        recycle_fn = full_resolution_pass(self.network, self.diffusion_network.decoder)
+        return make_noisy_mask(recycle_fn, data, x0, self.diffusion_network.training_schedule,
                                recycle=self.diffusion.recycle, prediction=self.diffusion.prediction)
 
     def compute_loss(self, data: torch.Tensor, target, noisy: NoisyBatch) -> torch.Tensor:

@@ -27,6 +27,21 @@ class NoisyBatch:
     eps: torch.Tensor
 
 
+def full_resolution_pass(network: Callable, decoder) -> FullResDenoiseFn:
+    """``network`` (plain, DDP- or compile-wrapped) as a full-resolution-only call: the decoder's
+    deep-supervision heads are switched off for the call, so the recycle pass computes no low-resolution
+    outputs. ``decoder`` is the U-Net decoder behind the wrappers."""
+    def call(image: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        previous = decoder.deep_supervision
+        decoder.deep_supervision = False
+        try:
+            out = network(image, xt, t)
+        finally:
+            decoder.deep_supervision = previous
+        return out[0] if isinstance(out, (list, tuple)) else out
+    return call
+
+
 def sample_levels(batch_size: int, num_steps: int, device: torch.device,
                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """k uniform on {1 ... K}, one per sample, shape ``(B,)``."""
