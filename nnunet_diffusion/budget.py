@@ -1,7 +1,8 @@
 """Short-budget trainers on demand: ``<Trainer>_<E>ep<I>it``.
 
 ``DiffusionTrainer_2ep5it`` is ``DiffusionTrainer`` with 2 epochs of 5 training
-iterations (and max(1, I // 5) validation iterations, nnU-Net's 250:50 ratio).
+iterations (and max(1, I // 5) validation iterations, nnU-Net's 250:50 ratio);
+checkpoint_latest is saved every max(1, E // 5) epochs instead of every 50.
 Any trainer works as base: ``nnUNetTrainer_10ep50it`` gives stock nnU-Net the same
 budget, which is what a fair comparison needs. Classes are created when first
 asked for (module ``__getattr__``) and cached, so pickling them by name works.
@@ -64,6 +65,8 @@ def make_budget_trainer(name: str) -> type:
         self.num_epochs = epochs
         self.num_iterations_per_epoch = iters
         self.num_val_iterations_per_epoch = max(1, iters // 5)
+        # nnU-Net saves checkpoint_latest every 50 epochs; a short run saves 5 times (at least every epoch)
+        self.save_every = max(1, min(self.save_every, epochs // 5))
 
     cls = type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name,
                                "__doc__": f"{base.__name__} with {epochs} epochs x {iters} iterations."})

@@ -144,6 +144,10 @@ class DiffusionTrainer(nnUNetTrainer):
 
 def atomic_torch_save(obj: dict, filename: str) -> None:
     """torch.save to ``filename`` via a temporary file in the same folder and an atomic rename."""
+    folder, base = os.path.split(os.path.abspath(filename))
+    for stale in os.listdir(folder):  # left by a process killed while saving
+        if stale.startswith(base + ".tmp"):
+            os.remove(os.path.join(folder, stale))
     tmp = f"{filename}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
