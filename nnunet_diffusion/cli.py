@@ -73,6 +73,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _tolerance(text: str) -> float:
     try:
         value = float(text)
@@ -81,6 +91,17 @@ def _tolerance(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"--tolerance must be a positive number of mm, got {value}")
     return value
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from nnunet_diffusion.benchmark import run_benchmark
+    from nnunet_diffusion.budget import parse_budget
+    budget = parse_budget(args.budget) if args.budget else None
+    report = run_benchmark(args.d, args.c, args.o, device=args.device, quick=args.quick, budget=budget,
+                           repeats=args.repeats)
+    print(open(os.path.join(args.o, "benchmark.md")).read())
+    print(f"wrote {os.path.join(args.o, 'benchmark.json')} and benchmark.md")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=_tolerance, default=1.0, help="NSD tolerance in mm (default 1.0)")
     p.add_argument("--file-ending", default=".nii.gz")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("benchmark", help="DiffusionTrainer vs nnUNetTrainer: iteration time, memory, prediction, Dice")
+    p.add_argument("-d", required=True, help="dataset name or id (planned and preprocessed)")
+    p.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
+    p.add_argument("-o", required=True, help="output folder for benchmark.json / benchmark.md")
+    p.add_argument("--quick", action="store_true", help="few repeats, no Dice training (minutes on a CPU)")
+    p.add_argument("--budget", default=None, help="EPOCHSxITERS for the Dice comparison (default 5x50)")
+    p.add_argument("--repeats", type=_positive_int, default=None, help="timed iterations per trainer")
+    p.add_argument("-device", dest="device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=_cmd_benchmark)
     return parser
 
 

@@ -1,0 +1,273 @@
+"""``nnunet-diffusion benchmark``: DiffusionTrainer vs stock nnUNetTrainer, side by side, one process tree.
+
+Both trainers are built on the same plans, batch size and data; timed steps alternate (A B A B) on the
+*same* batches so that machine drift cancels. Reported as medians and as ratios diffusion / stock:
+
+* ``train_iter_s``: one training iteration (host-to-device copy, forward incl. the recycle pass, loss,
+  backward, optimiser step); data loading is timed separately (``data_load_s``).
+* ``peak_mem``: CUDA max allocated during an iteration (GPU) or the peak RSS growth over the
+  iteration (CPU, sampled every millisecond), in MiB.
+* ``predict_case_s``: one preprocessed case through the sliding-window predictor: stock with nnU-Net's
+  default mirroring; diffusion with each TTA mode (chain, full, off).
+* ``dice``: foreground-mean Dice on the fold-0 validation cases after the same training budget for both
+  (nnUNetv2_train with ``<Trainer>_<E>ep<I>it``; skipped with ``--quick``).
+
+Everything is written under ``-o DIR``; nnU-Net results of the benchmark go to ``DIR/nnUNet_results``,
+so the user's own results are never touched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+
+class PeakRSS:
+    """Peak resident-set-size growth (MiB) over a block, sampled from /proc every millisecond."""
+
+    def __init__(self):
+        self.peak = 0.0
+
+    @staticmethod
+    def _rss() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+    def __enter__(self):
+        self.base = self._rss()
+        self.peak = self.base
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self._rss())
+                time.sleep(0.001)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def growth(self) -> float:
+        return self.peak - self.base
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_step(trainer, batch, device) -> Dict[str, float]:
+    """Time and peak memory of one train_step."""
+    trainer.network.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        trainer.train_step(batch)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        mem = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    else:
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            trainer.train_step(batch)
+            dt = time.perf_counter() - t0
+        mem = rss.growth
+    return {"time": dt, "mem": mem}
+
+
+def _median(values: List[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _make_trainer(name: str, dataset: str, config: str, device: torch.device):
+    from nnunetv2.run.run_training import get_trainer_from_args
+    tr = get_trainer_from_args(dataset, config, 0, name, device=device)
+    tr.initialize()
+    tr.dataloader_train, tr.dataloader_val = tr.get_dataloaders()
+    return tr
+
+
+def _predict_case_times(trainer, cases: List[torch.Tensor], make_predictor: Callable) -> List[float]:
+    predictor = make_predictor(trainer)
+    times = []
+    for data in cases:
+        _sync(trainer.device)
+        t0 = time.perf_counter()
+        predictor.predict_sliding_window_return_logits(data)
+        _sync(trainer.device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", quick: bool = False,
+                  budget: Optional[tuple] = None, repeats: Optional[int] = None,
+                  predict_cases: Optional[int] = None, log: Callable[[str], None] = print) -> Dict:
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunet_diffusion.cli import trainers_path
+    from nnunet_diffusion.predictor import DiffusionPredictor
+
+    dataset_name = maybe_convert_to_dataset_name(dataset)
+    if not nnUNet_preprocessed.is_set() or not os.path.isfile(
+            os.path.join(str(nnUNet_preprocessed), dataset_name, "nnUNetPlans.json")):
+        raise ValueError(f"{dataset_name} is not planned and preprocessed: run nnUNetv2_plan_and_preprocess "
+                         f"-d {dataset} -c {config} first (with nnUNet_preprocessed set)")
+    os.makedirs(out_dir, exist_ok=True)
+    os.environ["nnUNet_results"] = os.path.join(os.path.abspath(out_dir), "nnUNet_results")
+    os.environ.setdefault("nnUNet_extTrainer", trainers_path())
+    os.environ.setdefault("nnUNet_compile", "f")
+    dev = torch.device(device)
+    repeats = repeats or (3 if quick else 10)
+    predict_cases = predict_cases or (2 if quick else 5)
+
+    log(f"benchmark: {dataset_name} {config} on {dev}, {repeats} timed iterations per trainer (interleaved)")
+    trainers = {"stock": _make_trainer("nnUNetTrainer", dataset, config, dev),
+                "diffusion": _make_trainer("DiffusionTrainer", dataset, config, dev)}
+    batch_size = trainers["stock"].batch_size
+    assert trainers["diffusion"].batch_size == batch_size
+
+    # the same batches for both; data loading timed on its own
+    batches, load_times = [], []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        batches.append(next(trainers["stock"].dataloader_train))
+        load_times.append(time.perf_counter() - t0)
+
+    results: Dict[str, Dict[str, List[float]]] = {k: {"time": [], "mem": []} for k in trainers}
+    for i, batch in enumerate(batches):
+        for name, tr in trainers.items():  # A B A B ...
+            r = _timed_step(tr, batch, dev)
+            if i == 0:
+                continue  # warm-up
+            results[name]["time"].append(r["time"])
+            results[name]["mem"].append(r["mem"])
+            log(f"  iteration {i}/{repeats} {name:9s} {r['time']:.3f} s, peak +{r['mem']:.0f} MiB")
+
+    # prediction: preprocessed validation cases, interleaved per case
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    tr_s = trainers["stock"]
+    _, val_keys = tr_s.do_split()
+    ds = infer_dataset_class(tr_s.preprocessed_dataset_folder)(tr_s.preprocessed_dataset_folder,
+                                                               val_keys[:predict_cases])
+    cases = [torch.from_numpy(np.asarray(ds.load_case(k)[0][:])).float() for k in ds.identifiers]
+
+    def stock_predictor(tr):
+        p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                            perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
+                            allow_tqdm=False)
+        tr.set_deep_supervision_enabled(False)
+        p.manual_initialization(tr.network, tr.plans_manager, tr.configuration_manager, None, tr.dataset_json,
+                                type(tr).__name__, tr.inference_allowed_mirroring_axes)
+        return p
+
+    def diffusion_predictor(tta):
+        def make(tr):
+            p = DiffusionPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta != "off",
+                                   perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
+                                   allow_tqdm=False, tta=tta)
+            tr.set_deep_supervision_enabled(False)
+            p.manual_initialization(tr.network, tr.plans_manager, tr.configuration_manager, None, tr.dataset_json,
+                                    type(tr).__name__, tr.inference_allowed_mirroring_axes)
+            return p
+        return make
+
+    predict = {"stock": [], "chain": [], "full": [], "off": []}
+    makers = {"stock": (trainers["stock"], stock_predictor),
+              **{m: (trainers["diffusion"], diffusion_predictor(m)) for m in ("chain", "full", "off")}}
+    for c, data in enumerate(cases):
+        for name, (tr, make) in makers.items():
+            t = _predict_case_times(tr, [data], make)[0]
+            predict[name].append(t)
+            log(f"  predict case {c + 1}/{len(cases)} {name:6s} {t:.2f} s")
+
+    med = {
+        "train_iter_s": {k: _median(v["time"]) for k, v in results.items()},
+        "peak_mem_mib": {k: _median(v["mem"]) for k, v in results.items()},
+        "predict_case_s": {k: _median(v) for k, v in predict.items()},
+    }
+    report = {
+        "dataset": dataset_name, "configuration": config, "device": str(dev), "batch_size": batch_size,
+        "patch_size": list(trainers["stock"].configuration_manager.patch_size),
+        "repeats": repeats, "predict_cases": len(cases), "quick": quick,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
+        "torch_version": torch.__version__,
+        "medians": med,
+        "data_load_s": _median(load_times[1:]) if len(load_times) > 1 else load_times[0],
+        "raw": {"train_iter_s": {k: v["time"] for k, v in results.items()},
+                "peak_mem_mib": {k: v["mem"] for k, v in results.items()}, "predict_case_s": predict},
+        "train_iter_ratio": med["train_iter_s"]["diffusion"] / med["train_iter_s"]["stock"],
+        "peak_mem_ratio": (med["peak_mem_mib"]["diffusion"] / med["peak_mem_mib"]["stock"]
+                           if med["peak_mem_mib"]["stock"] > 0 else None),
+        "predict_ratio": {m: med["predict_case_s"][m] / med["predict_case_s"]["stock"]
+                          for m in ("chain", "full", "off")},
+        "dice_diffusion": None, "dice_stock": None,
+    }
+    del trainers
+
+    if not quick:
+        epochs, iters = budget or (5, 50)
+        report["budget"] = f"{epochs}x{iters}"
+        dice = {}
+        for key, base in (("stock", "nnUNetTrainer"), ("diffusion", "DiffusionTrainer")):
+            name = f"{base}_{epochs}ep{iters}it"
+            log(f"training {name} for the Dice comparison (fold 0)")
+            env = dict(os.environ, nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "0"))
+            subprocess.run([os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train"), dataset, config, "0",
+                            "-tr", name, "-device", device], env=env, check=True)
+            summary = load_json(os.path.join(os.environ["nnUNet_results"], dataset_name,
+                                             f"{name}__nnUNetPlans__{config}", "fold_0", "validation",
+                                             "summary.json"))
+            dice[key] = float(summary["foreground_mean"]["Dice"])
+        report["dice_stock"], report["dice_diffusion"] = dice["stock"], dice["diffusion"]
+
+    with open(os.path.join(out_dir, "benchmark.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out_dir, "benchmark.md"), "w") as f:
+        f.write(format_markdown(report))
+    return report
+
+
+def format_markdown(r: Dict) -> str:
+    m = r["medians"]
+    mach = r["machine"]
+    where = mach["gpu"] or f"CPU ({mach['processor']}, {mach['cpu_count']} cores, {mach['torch_threads']} torch threads)"
+    lines = [f"# DiffusionTrainer vs nnUNetTrainer — {r['dataset']} {r['configuration']}", "",
+             f"Device: {where}; torch {r['torch_version']}; batch {r['batch_size']}, patch {r['patch_size']}; "
+             f"medians over {r['repeats']} interleaved iterations and {r['predict_cases']} case(s).", "",
+             "| quantity | nnUNetTrainer | DiffusionTrainer | ratio |", "|---|---|---|---|",
+             f"| train iteration (s) | {m['train_iter_s']['stock']:.3f} | {m['train_iter_s']['diffusion']:.3f} | "
+             f"{r['train_iter_ratio']:.2f} |"]
+    pm = r["peak_mem_ratio"]
+    lines.append(f"| peak memory of an iteration (MiB) | {m['peak_mem_mib']['stock']:.0f} | "
+                 f"{m['peak_mem_mib']['diffusion']:.0f} | {'–' if pm is None else f'{pm:.2f}'} |")
+    for mode in ("chain", "full", "off"):
+        lines.append(f"| predict one case (s), diffusion TTA `{mode}` vs stock mirroring | "
+                     f"{m['predict_case_s']['stock']:.2f} | {m['predict_case_s'][mode]:.2f} | "
+                     f"{r['predict_ratio'][mode]:.2f} |")
+    if r.get("dice_stock") is not None:
+        lines.append(f"| foreground Dice after {r['budget']} (fold 0 validation) | {r['dice_stock']:.3f} | "
+                     f"{r['dice_diffusion']:.3f} | – |")
+    lines += ["", f"Data loading per batch (not in the iteration time): {r['data_load_s']:.3f} s.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,24 @@
+"""A reduced benchmark on the tiny synthetic dataset: every key is written and every number is positive.
+(The speed targets are not asserted in tests; the benchmark prints them.)"""
+import json
+
+from conftest import BIN, run
+
+
+def test_quick_benchmark_writes_every_key(env, tmp_path):
+    out = tmp_path / "bench"
+    run([f"{BIN}/nnunet-diffusion", "benchmark", "-d", "990", "-c", "3d_fullres", "--quick", "--repeats", "2",
+         "-device", "cpu", "-o", str(out)], env=env)
+    r = json.load(open(out / "benchmark.json"))
+    for key in ("train_iter_ratio", "peak_mem_ratio", "predict_ratio", "dice_diffusion", "dice_stock", "medians",
+                "machine", "torch_version", "raw", "data_load_s"):
+        assert key in r, key
+    assert r["train_iter_ratio"] > 0
+    assert r["peak_mem_ratio"] is None or r["peak_mem_ratio"] > 0
+    assert set(r["predict_ratio"]) == {"chain", "full", "off"} and all(v > 0 for v in r["predict_ratio"].values())
+    for k in ("stock", "diffusion"):
+        assert r["medians"]["train_iter_s"][k] > 0 and len(r["raw"]["train_iter_s"][k]) == 2
+    assert all(v > 0 for v in r["medians"]["predict_case_s"].values())
+    assert r["dice_diffusion"] is None and r["dice_stock"] is None  # --quick skips the training
+    md = open(out / "benchmark.md").read()
+    assert "train iteration" in md and "predict one case" in md
