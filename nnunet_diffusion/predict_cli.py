@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_input_channels(input_folder: str, dataset_json: dict) -> None:
-    """Refuse an input folder whose cases do not have the model's channel files."""
+def check_inputs(input_folder: str, dataset_json: dict) -> None:
+    """Refuse an input folder whose cases do not have the model's channel files or hold NaN/Inf values."""
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
     if not os.path.isdir(input_folder):
         raise ValueError(f"input folder {input_folder} does not exist")
@@ -82,6 +82,30 @@ def check_input_channels(input_folder: str, dataset_json: dict) -> None:
             raise ValueError(f"case {case} has {len(files)} channel file(s) but the model expects {expected} "
                              f"({', '.join(dataset_json['channel_names'].values())}): "
                              f"{', '.join(os.path.basename(f) for f in files)}")
+    for files in cases:
+        for f in files:
+            bad = _count_non_finite(f)
+            if bad:
+                raise ValueError(f"{os.path.basename(f)} holds {bad} NaN/Inf voxel(s); nnU-Net's normalisation "
+                                 f"would spread them over the whole case. Replace them (e.g. with the image "
+                                 f"minimum) before predicting.")
+
+
+def _count_non_finite(path: str) -> int:
+    """NaN/Inf voxels in an image file. NIfTI is read with nibabel because ITK's NIfTI reader silently turns
+    NaN into 0 (SimpleITK 2.5); other formats with SimpleITK. Formats neither reads are not checked."""
+    import numpy as np
+    if path.endswith((".nii", ".nii.gz")):
+        import nibabel
+        values = np.asanyarray(nibabel.load(path).dataobj)
+    elif path.endswith((".nrrd", ".mha", ".mhd", ".tif", ".tiff", ".png")):
+        import SimpleITK as sitk
+        values = sitk.GetArrayFromImage(sitk.ReadImage(path))
+    else:
+        return 0
+    if not np.issubdtype(values.dtype, np.floating):
+        return 0
+    return int((~np.isfinite(values)).sum())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -91,6 +115,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     from nnunet_diffusion.predictor import DiffusionPredictor
+    from nnunet_diffusion.trainer import read_checkpoint
 
     folds = [f if f == "all" else int(f) for f in args.f]
     if args.part_id >= args.num_parts:
@@ -103,7 +128,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         model_folder = get_output_folder(args.d, args.tr, args.p, args.c)
         if not os.path.isdir(model_folder):
             raise ValueError(f"no trained model in {model_folder}")
-        check_input_channels(args.i, load_json(os.path.join(model_folder, "dataset.json")))
+        check_inputs(args.i, load_json(os.path.join(model_folder, "dataset.json")))
         device = torch.device(args.device)
         if args.device == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
@@ -115,6 +140,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                        sampler=args.sampler, seed=args.seed, num_samples=args.num_samples,
                                        uncertainty=args.uncertainty,
                                        tta="off" if args.disable_tta else args.tta)
+        for f in folds:
+            read_checkpoint(os.path.join(model_folder, f"fold_{f}", args.chk))
         predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

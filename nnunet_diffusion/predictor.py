@@ -65,10 +65,13 @@ class DiffusionPredictor(nnUNetPredictor):
     uncertainty: also compute predictive entropy and mutual information per voxel.
     tta: "chain" (each step of one chain uses another mirroring), "full" (nnU-Net's: one chain per
         mirroring, K x mirrorings calls per tile) or "off". Ignored when mirroring is disabled.
+    tile_consistent_noise: False gives every tile its own independent noise (as stock sliding-window
+        prediction would), for measuring what the voxel-attached noise buys.
     """
 
     def __init__(self, *args, steps: Optional[int] = None, sampler: Optional[str] = None, seed: int = 0,
-                 num_samples: int = 1, uncertainty: bool = False, tta: str = "chain", **kwargs):
+                 num_samples: int = 1, uncertainty: bool = False, tta: str = "chain",
+                 tile_consistent_noise: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         if steps is not None:
             validate_steps(steps)
@@ -82,6 +85,7 @@ class DiffusionPredictor(nnUNetPredictor):
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.steps, self.sampler, self.seed = steps, sampler, seed
         self.num_samples, self.uncertainty, self.tta = num_samples, uncertainty, tta
+        self.tile_consistent_noise = tile_consistent_noise
         self._slicers: list = []
         self._volume_shape: Tuple[int, ...] = ()
         self._tile_index = 0
@@ -176,8 +180,9 @@ class DiffusionPredictor(nnUNetPredictor):
         combos = mirror_combinations(axes)
         num_draws = net.schedule.num_steps
         probs_sum = entropy_sum = logits = None
+        tile = self._tile_index if not self.tile_consistent_noise else 0
         for s in range(self.num_samples):
-            noise = chain_noise(self.seed + s, num_draws, net.num_classes, index)
+            noise = chain_noise(self.seed + s + 1_000_003 * tile, num_draws, net.num_classes, index)
             if self.tta == "full":
                 logits = sum(self._run_chain(x, noise, [c]).float() for c in combos) / len(combos)
             else:

@@ -129,6 +129,15 @@ class DiffusionTrainer(nnUNetTrainer):
             noisy = self.make_noisy_batch(data, target)
             loss = self.compute_loss(data, target, noisy)
 
+        if not torch.isfinite(loss):
+            # e.g. an fp16 overflow: skip this update (as nnU-Net's grad scaler skips inf gradients) rather
+            # than write NaN into the weights; the optimiser state is untouched
+            self.skipped_updates = getattr(self, 'skipped_updates', 0) + 1
+            self.print_to_log_file(f"non-finite loss ({loss.item()}) in epoch {self.current_epoch}: update skipped "
+                                   f"({self.skipped_updates} so far)")
+            self.optimizer.zero_grad(set_to_none=True)
+            return {'loss': loss.detach().cpu().numpy()}
+
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)

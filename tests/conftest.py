@@ -89,3 +89,18 @@ def inproc(env, monkeypatch):
               "nnUNet_extTrainer"):
         monkeypatch.setenv(k, env[k])
     return env
+
+
+@pytest.fixture
+def make_trainer(inproc):
+    from nnunetv2.run.run_training import get_trainer_from_args
+    created = []
+
+    def make(name, config="3d_fullres"):
+        tr = get_trainer_from_args("990", config, 0, name, device=torch.device("cpu"))
+        tr.initialize()
+        tr.dataloader_train, tr.dataloader_val = tr.get_dataloaders()
+        created.append(tr)
+        return tr
+
+    yield make

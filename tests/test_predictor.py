@@ -196,3 +196,50 @@ def test_wrong_channel_count_is_refused(env, trained_3d, inputs, tmp_path):
     assert proc.returncode == 1
     assert "case case_003 has 2 channel file(s) but the model expects 1" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def _predict_cmd(env, inp, out, *extra, tr="DiffusionTrainer_2ep3it", check=False):
+    return run([f"{BIN}/nnUNetv2_predict_diffusion", "-i", str(inp), "-o", str(out), "-d", "990", "-c",
+                "3d_fullres", "-f", "0", "-tr", tr, "-device", "cpu", "-npp", "1", "-nps", "1", *extra],
+               env=env, check=check)
+
+
+def test_nan_in_input_is_refused(env, trained_3d, inputs, tmp_path):
+    inp = tmp_path / "nan"
+    inp.mkdir()
+    img = sitk.ReadImage(str(inputs / "case_003_0000.nii.gz"))
+    arr = sitk.GetArrayFromImage(img)
+    arr[2, 3, 4] = np.nan
+    bad = sitk.GetImageFromArray(arr)
+    bad.CopyInformation(img)
+    sitk.WriteImage(bad, str(inp / "case_003_0000.nii.gz"))
+    proc = _predict_cmd(env, inp, tmp_path / "x")
+    assert proc.returncode == 1
+    assert "case_003_0000.nii.gz holds 1 NaN/Inf voxel(s)" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_corrupt_checkpoint_is_refused_at_prediction(env, trained_3d, inputs, tmp_path):
+    model = os.path.dirname(trained_3d)
+    broken = model.replace("DiffusionTrainer_2ep3it", "DiffusionTrainer_3ep3it")
+    shutil.rmtree(broken, ignore_errors=True)
+    shutil.copytree(model, broken, ignore=shutil.ignore_patterns("validation", "*.png"))
+    ck = os.path.join(broken, "fold_0", "checkpoint_final.pth")
+    data = open(ck, "rb").read()
+    open(ck, "wb").write(data[:1000])
+    proc = _predict_cmd(env, inputs, tmp_path / "x", tr="DiffusionTrainer_3ep3it")
+    assert proc.returncode == 1
+    assert "is corrupt or truncated" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_existing_predictions_kept_with_continue_prediction(env, trained_3d, inputs, tmp_path):
+    out = tmp_path / "o"
+    _predict_cmd(env, inputs, out, check=True)
+    target = out / "case_003.nii.gz"
+    marker = b"user's file, must survive"
+    target.write_bytes(marker)
+    _predict_cmd(env, inputs, out, "--continue_prediction", check=True)
+    assert target.read_bytes() == marker  # nnU-Net's --continue_prediction: existing files are not redone
+    _predict_cmd(env, inputs, out, check=True)  # default (like nnUNetv2_predict): overwrite
+    assert target.read_bytes() != marker

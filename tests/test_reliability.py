@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,3 +116,55 @@ def test_truncated_checkpoint_is_refused(env, trained_3d, tmp_path):
                 "cpu", "--c"], env=env, check=False)
     assert proc.returncode != 0
     assert "is corrupt or truncated" in proc.stderr
+
+
+def test_non_finite_loss_skips_the_update(make_trainer):
+    tr = make_trainer("DiffusionTrainer_1ep1it")
+    batch = next(tr.dataloader_train)
+    batch["data"] = batch["data"].clone()
+    batch["data"][0, 0, 0, 0, 0] = float("nan")
+    before = {k: v.clone() for k, v in tr.network.state_dict().items()}
+    out = tr.train_step(batch)
+    assert not np.isfinite(out["loss"])
+    after = tr.network.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert tr.skipped_updates == 1
+    assert "update skipped" in open(tr.log_file).read()
+    # a finite batch afterwards trains normally
+    batch = next(tr.dataloader_train)
+    assert np.isfinite(tr.train_step(batch)["loss"])
+    assert any(not torch.equal(before[k], v) for k, v in tr.network.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["ignore", "regions"])
+def test_ignore_label_and_regions_are_refused(env, kind):
+    import json
+    src = os.path.join(env["nnUNet_preprocessed"], DATASET)
+    name = "Dataset991_SynthIgnore" if kind == "ignore" else "Dataset992_SynthRegions"
+    dst = os.path.join(env["nnUNet_preprocessed"], name)
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    plans = json.load(open(os.path.join(dst, "nnUNetPlans.json")))
+    plans["dataset_name"] = name
+    json.dump(plans, open(os.path.join(dst, "nnUNetPlans.json"), "w"))
+    ds = json.load(open(os.path.join(dst, "dataset.json")))
+    if kind == "ignore":
+        ds["labels"]["ignore"] = 3
+        expected = "does not support an ignore label (label 3)"
+    else:
+        ds["labels"] = {"background": 0, "whole": [1, 2], "two": 2}
+        ds["regions_class_order"] = [1, 2]
+        expected = "does not support region-based labels"
+    json.dump(ds, open(os.path.join(dst, "dataset.json"), "w"))
+    proc = run([f"{BIN}/nnUNetv2_train", name, "3d_fullres", "0", "-tr", "DiffusionTrainer_1ep1it", "-device",
+                "cpu"], env=env, check=False)
+    assert proc.returncode == 1
+    assert expected in proc.stderr
+
+
+def test_ext_trainer_pointing_elsewhere_fails_clearly(env, tmp_path):
+    proc = run([f"{BIN}/nnUNetv2_train", "990", "3d_fullres", "0", "-tr", "DiffusionTrainer", "-device", "cpu"],
+               env=dict(env, nnUNet_extTrainer=str(tmp_path)), check=False)
+    assert proc.returncode == 1
+    assert "Could not find requested nnunet trainer DiffusionTrainer" in proc.stderr
+    assert f"nnUNet_extTrainer={tmp_path}" in proc.stderr

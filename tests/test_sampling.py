@@ -72,3 +72,16 @@ def test_same_generator_seed_same_result():
 def test_encode_mask_rejects_out_of_range_labels():
     with pytest.raises(ValueError, match="label values"):
         encode_mask(torch.tensor([[[0, 3]]]), 3)
+
+
+@pytest.mark.parametrize("K", [1, 2, 5, 1001])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_chain_stays_finite_under_bfloat16_autocast(K, sampler):
+    """Every K in [1, 1001] keeps finite values with a real (tiny) network under low-precision autocast."""
+    from conftest import tiny_diffusion_net
+    net = tiny_diffusion_net(2).eval()
+    torch.nn.init.normal_(net.time_proj.weight, std=0.1)
+    net.sampling_steps, net.sampler = K, sampler
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(1, 1, 8, 8) * 100)
+    assert torch.isfinite(out).all()

@@ -11,21 +11,6 @@ from nnunet_diffusion.variants import (DiffusionTrainer_1000steps, DiffusionTrai
                                        DiffusionTrainer_noRecycle, DiffusionTrainer_predictNoise)
 
 
-@pytest.fixture
-def make_trainer(inproc):
-    from nnunetv2.run.run_training import get_trainer_from_args
-    created = []
-
-    def make(name, config="3d_fullres"):
-        tr = get_trainer_from_args("990", config, 0, name, device=torch.device("cpu"))
-        tr.initialize()
-        tr.dataloader_train, tr.dataloader_val = tr.get_dataloaders()
-        created.append(tr)
-        return tr
-
-    yield make
-
-
 def _batch(tr):
     torch.manual_seed(0)
     batch = next(tr.dataloader_train)
