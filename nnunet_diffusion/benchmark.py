@@ -6,7 +6,7 @@ Both trainers are built on the same plans, batch size and data; timed steps alte
 * ``train_iter_s``: one training iteration (host-to-device copy, forward incl. the recycle pass, loss,
   backward, optimiser step); data loading is timed separately (``data_load_s``).
 * ``peak_mem``: CUDA max allocated during an iteration (GPU) or the peak RSS growth over the
-  iteration (CPU, sampled every millisecond), in MiB.
+  iteration (CPU, sampled every millisecond, after returning freed heap pages to the OS), in MiB.
 * ``predict_case_s``: one preprocessed case through the sliding-window predictor: stock with nnU-Net's
   default mirroring; diffusion with each TTA mode (chain, full, off).
 * ``dice``: foreground-mean Dice on the fold-0 validation cases after the same training budget for both
@@ -66,6 +66,18 @@ class PeakRSS:
         return self.peak - self.base
 
 
+def _release_free_memory() -> None:
+    """Return freed heap pages to the OS (glibc), so RSS growth over the next iteration measures what the
+    iteration needs rather than what the allocator happened to keep from the previous one."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -84,6 +96,7 @@ def _timed_step(trainer, batch, device) -> Dict[str, float]:
         dt = time.perf_counter() - t0
         mem = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
     else:
+        _release_free_memory()
         with PeakRSS() as rss:
             t0 = time.perf_counter()
             trainer.train_step(batch)

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="independent chains per case; the segmentation is the argmax of their mean probabilities")
     g.add_argument("--uncertainty", action="store_true",
                    help="write CASE_entropy and CASE_mutual_info beside CASE (use with --num-samples >= 2)")
-    g.add_argument("--tta", choices=["chain", "full", "off"], default="chain",
+    g.add_argument("--tta", choices=["chain", "full", "off"], default="full",
                    help="chain: each denoising step uses another mirroring (K calls per tile); full: nnU-Net's "
                         "mirroring around every chain (K x 8 calls per tile in 3D); off: no mirroring")
     return p

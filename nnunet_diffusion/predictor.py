@@ -70,7 +70,7 @@ class DiffusionPredictor(nnUNetPredictor):
     """
 
     def __init__(self, *args, steps: Optional[int] = None, sampler: Optional[str] = None, seed: int = 0,
-                 num_samples: int = 1, uncertainty: bool = False, tta: str = "chain",
+                 num_samples: int = 1, uncertainty: bool = False, tta: str = "full",
                  tile_consistent_noise: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         if steps is not None:

@@ -99,3 +99,35 @@ def test_wrong_channel_count_is_refused():
     net = tiny_diffusion_net(3)
     with pytest.raises(ValueError, match="channel"):
         net(torch.randn(1, 2, 8, 8, 8))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dim", [2, 3])
+def test_fused_instance_norm_film_equals_reference_formula(dim, affine):
+    norm = (torch.nn.InstanceNorm3d if dim == 3 else torch.nn.InstanceNorm2d)(5, affine=affine)
+    if affine:
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    film = FiLMNorm(norm, 5)
+    assert film._fusable
+    x = torch.randn(3, 5, *([6] * dim))
+    film.scale, film.shift = torch.randn(3, 5), torch.randn(3, 5)
+    view = (3, 5) + (1,) * dim
+    expected = norm(x) * (1 + film.scale.view(view)) + film.shift.view(view)
+    torch.testing.assert_close(film(x), expected, rtol=1e-5, atol=1e-5)
+    # gradients reach scale, shift and the norm's affine parameters
+    film.scale.requires_grad_(True)
+    film.shift.requires_grad_(True)
+    film(x).square().sum().backward()
+    assert film.scale.grad is not None and film.shift.grad is not None
+    assert not affine or norm.weight.grad is not None
+
+
+def test_generic_norm_path_for_group_norm():
+    norm = torch.nn.GroupNorm(2, 4)
+    film = FiLMNorm(norm, 4)
+    assert not film._fusable
+    x = torch.randn(2, 4, 5, 5)
+    film.scale, film.shift = torch.randn(2, 4), torch.randn(2, 4)
+    expected = norm(x) * (1 + film.scale.view(2, 4, 1, 1)) + film.shift.view(2, 4, 1, 1)
+    torch.testing.assert_close(film(x), expected)
