@@ -104,6 +104,19 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from nnunetv2.paths import nnUNet_results
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunet_diffusion.budget import parse_budget
+    from nnunet_diffusion.experiment import run_experiment
+    budget = parse_budget(args.budget)
+    out = args.o or os.path.join(str(nnUNet_results), maybe_convert_to_dataset_name(args.d), "experiments",
+                                 f"{args.table}_{budget[0]}x{budget[1]}")
+    run_experiment(args.table, args.d, args.folds, budget, args.device, out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-diffusion",
                                      description="Diffusion segmentation (Fu et al. 2023) for nnU-Net v2.")
@@ -146,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=None, help="timed iterations per trainer")
     p.add_argument("-device", dest="device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=_cmd_benchmark)
+
+    p = sub.add_parser("experiment", help="train and compare the paper's Table 1 or Table 2 under one budget")
+    p.add_argument("table", choices=["table1", "table2"])
+    p.add_argument("-d", required=True, help="dataset name or id (planned for 2d and 3d_fullres)")
+    p.add_argument("--folds", type=int, nargs="+", default=[0], help="folds to train (default 0)")
+    p.add_argument("--budget", default="10x50", help="EPOCHSxITERS for every trainer (default 10x50)")
+    p.add_argument("-device", dest="device", default="cuda", choices=["cpu", "cuda"])
+    p.add_argument("-o", default=None, help="report folder (default nnUNet_results/DATASET/experiments/TABLE_BUDGET)")
+    p.set_defaults(func=_cmd_experiment)
     return parser
 
 

@@ -1,0 +1,142 @@
+"""``nnunet-diffusion experiment table1|table2``: the paper's experiments under one training budget.
+
+table1: nnUNetTrainer and DiffusionTrainer, in 2d and 3d_fullres (paper Table 1).
+table2: DiffusionTrainer and its four ablations in 3d_fullres (paper Table 2).
+
+Every run is ``nnUNetv2_train D C F -tr <Trainer>_<E>ep<I>it`` (the same budget for all), so results
+live in nnU-Net's usual folders. A run whose fold has ``checkpoint_final.pth`` and a validation summary
+is skipped; one with a ``checkpoint_latest.pth`` is continued with ``--c``. The comparisons are
+written with :func:`nnunet_diffusion.evaluation.compare` against nnU-Net's ``gt_segmentations``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Dict, List, Sequence, Tuple
+
+TABLES: Dict[str, List[Tuple[str, str]]] = {
+    "table1": [("nnUNetTrainer", "2d"), ("DiffusionTrainer", "2d"),
+               ("nnUNetTrainer", "3d_fullres"), ("DiffusionTrainer", "3d_fullres")],
+    "table2": [("DiffusionTrainer", "3d_fullres"), ("DiffusionTrainer_noRecycle", "3d_fullres"),
+               ("DiffusionTrainer_noDice", "3d_fullres"), ("DiffusionTrainer_predictNoise", "3d_fullres"),
+               ("DiffusionTrainer_1000steps", "3d_fullres")],
+}
+# (A, B) pairs compared in each table: A is the method, B the reference
+COMPARISONS: Dict[str, List[Tuple[str, str, str]]] = {
+    "table1": [("DiffusionTrainer", "nnUNetTrainer", "2d"), ("DiffusionTrainer", "nnUNetTrainer", "3d_fullres")],
+    "table2": [(v, "DiffusionTrainer", "3d_fullres") for v in
+               ("DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTrainer_predictNoise",
+                "DiffusionTrainer_1000steps")],
+}
+
+
+def _fold_done(fold_dir: str) -> bool:
+    return os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")) and \
+        os.path.isfile(os.path.join(fold_dir, "validation", "summary.json"))
+
+
+def _train(cmd: List[str], env: dict, label: str, epochs: int, log_path: str) -> None:
+    """Run nnUNetv2_train, log everything to a file, print one progress line per epoch."""
+    start = time.time()
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        first = None
+        for line in proc.stdout:
+            log.write(line)
+            m = re.search(r"Epoch (\d+)\s*$", line)
+            if m:
+                epoch = int(m.group(1))
+                first = epoch if first is None else first
+                done = epoch - first
+                elapsed = time.time() - start
+                eta = elapsed / done * (epochs - epoch) if done else float("nan")
+                print(f"  {label}: epoch {epoch + 1}/{epochs}, {elapsed / 60:.1f} min elapsed, "
+                      f"~{eta / 60:.1f} min left in this run", flush=True)
+            elif "Validation complete" in line or "Mean Validation Dice" in line:
+                print(f"  {label}: {line.strip().split(': ', 1)[-1]}", flush=True)
+        rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {rc}; see {log_path}")
+
+
+def run_experiment(table: str, dataset: str, folds: Sequence[int], budget: Tuple[int, int], device: str,
+                   out_dir: str) -> Dict:
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunet_diffusion.budget import budget_name
+    from nnunet_diffusion.cli import trainers_path
+    from nnunet_diffusion.evaluation import compare
+
+    if table not in TABLES:
+        raise ValueError(f"table must be one of {sorted(TABLES)}, got {table!r}")
+    name = maybe_convert_to_dataset_name(dataset)
+    epochs, iters = budget
+    plans = os.path.join(str(nnUNet_preprocessed), name, "nnUNetPlans.json")
+    if not os.path.isfile(plans):
+        raise ValueError(f"{name} is not planned: run nnUNetv2_plan_and_preprocess -d {dataset} -c 2d 3d_fullres")
+    configs = json.load(open(plans))["configurations"]
+    missing = sorted({c for _, c in TABLES[table]} - set(configs))
+    if missing:
+        raise ValueError(f"{name} has no plans for {missing}")
+    os.makedirs(out_dir, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("nnUNet_extTrainer", trainers_path())
+    env.setdefault("nnUNet_n_proc_DA", "0" if device == "cpu" else env.get("nnUNet_n_proc_DA", "8"))
+    env.setdefault("nnUNet_compile", "f" if device == "cpu" else "t")
+    bin_dir = os.path.dirname(sys.executable)
+    runs = [(tr, cfg, f) for tr, cfg in TABLES[table] for f in folds]
+    t0 = time.time()
+    for i, (tr, cfg, fold) in enumerate(runs, 1):
+        trainer = budget_name(tr, epochs, iters)
+        fold_dir = os.path.join(str(nnUNet_results), name, f"{trainer}__nnUNetPlans__{cfg}", f"fold_{fold}")
+        label = f"[run {i}/{len(runs)}] {trainer} {cfg} fold {fold}"
+        if _fold_done(fold_dir):
+            print(f"{label}: finished earlier, skipped", flush=True)
+            continue
+        cmd = [os.path.join(bin_dir, "nnUNetv2_train"), dataset, cfg, str(fold), "-tr", trainer, "-device", device]
+        if os.path.isfile(os.path.join(fold_dir, "checkpoint_latest.pth")) or \
+                os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")):
+            cmd.append("--c")
+            print(f"{label}: continuing from its last checkpoint", flush=True)
+        else:
+            print(f"{label}: training ({time.time() - t0:.0f} s into the experiment)", flush=True)
+        _train(cmd, env, label, epochs, os.path.join(out_dir, f"{trainer}__{cfg}__fold_{fold}.log"))
+
+    gt = os.path.join(str(nnUNet_preprocessed), name, "gt_segmentations")
+    reports = {}
+    for a, b, cfg in COMPARISONS[table]:
+        folder = lambda tr: os.path.join(str(nnUNet_results), name,  # noqa: E731
+                                         f"{budget_name(tr, epochs, iters)}__nnUNetPlans__{cfg}")
+        dest = os.path.join(out_dir, f"{a}_vs_{b}_{cfg}")
+        reports[f"{a} vs {b} ({cfg})"] = compare(folder(a), folder(b), gt, dest, names=[a, b])
+        print(f"{a} vs {b} ({cfg}): {reports[f'{a} vs {b} ({cfg})']['verdict']}", flush=True)
+    summary = write_table(table, reports, out_dir, budget, folds, device)
+    print(f"wrote {summary}", flush=True)
+    return reports
+
+
+def write_table(table: str, reports: Dict, out_dir: str, budget, folds, device: str) -> str:
+    rows, seen = [], set()
+    for key, rep in reports.items():
+        cfg = key.rsplit("(", 1)[1].rstrip(")")
+        for method, s in rep["summary"].items():
+            if (method, cfg) in seen:
+                continue
+            seen.add((method, cfg))
+            c = s["case"]
+            rows.append(f"| {method} | {cfg} | " + " | ".join(f"{c[m]['mean']:.3f} ({c[m]['std']:.3f})"
+                                                             for m in ("dice", "nsd", "hd95", "cd")) + " |")
+    tests = [f"* {k}: paired t-test p = {r['tests']['t_pvalue']:.3g}, Wilcoxon p = "
+             f"{r['tests']['wilcoxon_pvalue']:.3g} ({r['num_cases']} cases) — {r['verdict']}" for k, r in reports.items()]
+    text = "\n".join([f"# {table}: budget {budget[0]} epochs x {budget[1]} iterations, folds {list(folds)}, {device}",
+                      "", "| method | configuration | DS | NSD | HD95 (mm) | CD (mm) |", "|---|---|---|---|---|---|",
+                      *rows, "", *tests, ""])
+    path = os.path.join(out_dir, f"{table}.md")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
