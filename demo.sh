@@ -3,10 +3,5 @@
 # predicts the held-out cases with nnUNetv2_predict, prints Dice and writes demo_output/demo_slice.png.
 set -euo pipefail
 cd "$(dirname "$0")"
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e .
+bash setup_venv.sh
 exec .venv/bin/python -m nnunet_diffusion.demo "$@"

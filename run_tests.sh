@@ -1,12 +1,8 @@
 #!/usr/bin/env bash
-# Sets up .venv (if needed) and runs the default test suite. Extra arguments go to pytest.
+# Sets up .venv (if needed) and runs the default test suite. Extra arguments go to pytest
+# (e.g. `-m slow` for the long runs).
 set -euo pipefail
 cd "$(dirname "$0")"
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test]"
+EXTRAS="[test]" bash setup_venv.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 exec .venv/bin/python -m pytest -q "$@"
