@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_output", help="working folder (default: demo_output)")
     parser.add_argument("--data", default=DEFAULT_DATA, help="raw dataset folder (nnU-Net layout + imagesTs/labelsTs)")
-    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=14)
     parser.add_argument("--iters", type=int, default=25, help="training iterations per epoch")
     parser.add_argument("--batch-size", type=int, default=2,
                         help="overrides the planned batch size to fit a CPU (default 2)")
