@@ -1,12 +1,14 @@
 """DiffusionTrainer: nnU-Net glue for the mask-predicting DDPM (METHOD.md section 3).
 
-Only three nnU-Net methods are overridden:
+nnU-Net methods overridden, each for one reason:
 
 * ``build_network_architecture`` (a classmethod, so nnU-Net's predictor can call it on
   the class): the planned U-Net with C_img + C inputs, wrapped in :class:`DiffusionUNet`.
 * ``train_step``: the stock step runs ``network(data)``; a diffusion step needs the
-  label to build the noisy mask and a recycle pass first.
+  label to build the noisy mask and a recycle pass first; non-finite losses skip the update.
 * ``initialize``: refuse label set-ups the method does not define (regions, ignore label).
+* ``save_checkpoint`` / ``load_checkpoint``: atomic writes, recorded diffusion settings,
+  clear refusal of corrupt or mismatched checkpoints.
 
 ``validation_step`` and ``perform_actual_validation`` stay stock: in eval mode
 ``network(image)`` runs the K-step sampler, so nnU-Net's pseudo Dice, sliding window,
@@ -35,6 +37,7 @@ class DiffusionTrainer(nnUNetTrainer):
     """nnU-Net trainer for the paper's diffusion model: K = 5, recycling, x0 prediction, Dice + CE."""
 
     diffusion: ClassVar[DiffusionConfig] = DiffusionConfig()
+    skipped_updates: int = 0  # training steps whose loss was not finite
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -132,7 +135,7 @@ class DiffusionTrainer(nnUNetTrainer):
         if not torch.isfinite(loss):
             # e.g. an fp16 overflow: skip this update (as nnU-Net's grad scaler skips inf gradients) rather
             # than write NaN into the weights; the optimiser state is untouched
-            self.skipped_updates = getattr(self, 'skipped_updates', 0) + 1
+            self.skipped_updates += 1
             self.print_to_log_file(f"non-finite loss ({loss.item()}) in epoch {self.current_epoch}: update skipped "
                                    f"({self.skipped_updates} so far)")
             self.optimizer.zero_grad(set_to_none=True)
