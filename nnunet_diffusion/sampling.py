@@ -55,20 +55,33 @@ def logits_from_mask(x0_hat: torch.Tensor) -> torch.Tensor:
     return torch.log(((x0_hat + 1.0) / 2.0).clamp(1e-5, 1.0))
 
 
+def logits_from_eps(output: NetworkOutput, xt: torch.Tensor,
+                    alpha_bar: Union[float, torch.Tensor]) -> NetworkOutput:
+    """Segmentation logits of an eps-predicting network, per deep-supervision scale (x_t area-downsampled
+    to each scale): log(clip((x0_hat + 1) / 2, 1e-5, 1)) with x0_hat from :func:`x0_from_eps`."""
+    import torch.nn.functional as F
+    outputs = output if isinstance(output, (list, tuple)) else [output]
+    logits = []
+    for eps_hat in outputs:
+        x = xt if eps_hat.shape[2:] == xt.shape[2:] else F.interpolate(xt.float(), size=eps_hat.shape[2:],
+                                                                       mode="area")
+        logits.append(logits_from_mask(x0_from_eps(x, eps_hat, alpha_bar)))
+    return logits if isinstance(output, (list, tuple)) else logits[0]
+
+
 def interpret_output(output: NetworkOutput, xt: torch.Tensor, alpha_bar: Union[float, torch.Tensor],
                      prediction: str) -> Tuple[torch.Tensor, NetworkOutput]:
     """Turn a network output into (x0_hat, segmentation logits).
 
     prediction "x0": the output *is* the logits; "eps": the output is eps_hat and the
     logits are derived from x0_hat (METHOD.md section 3, noise prediction variant).
-    For "x0" the full output (incl. deep supervision list) is returned as logits.
+    The logits keep the output's structure (a list per scale under deep supervision).
     """
     out = full_resolution(output)
     if prediction == "x0":
         return mask_from_logits(out), output
     if prediction == "eps":
-        x0_hat = x0_from_eps(xt, out, alpha_bar)
-        return x0_hat, logits_from_mask(x0_hat)
+        return x0_from_eps(xt, out, alpha_bar), logits_from_eps(output, xt, alpha_bar)
     raise ValueError(f"unknown prediction type {prediction!r}")
 
 

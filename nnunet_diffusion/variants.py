@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from nnunet_diffusion.sampling import full_resolution, logits_from_mask, x0_from_eps
+from nnunet_diffusion.sampling import full_resolution, logits_from_eps
 from nnunet_diffusion.trainer import DiffusionTrainer
 from nnunet_diffusion.training import NoisyBatch
 
@@ -52,13 +52,7 @@ class DiffusionTrainer_predictNoise(DiffusionTrainer):
 
     def compute_loss(self, data: torch.Tensor, target, noisy: NoisyBatch) -> torch.Tensor:
         output = self.network(data, noisy.xt, noisy.t)
-        outputs = output if isinstance(output, (list, tuple)) else [output]
         alpha_bar = self.diffusion_network.training_schedule.extract("alpha_bar", noisy.k, noisy.xt.ndim)
-        logits = []
-        for eps_hat in outputs:
-            xt = noisy.xt if eps_hat.shape[2:] == noisy.xt.shape[2:] else \
-                F.interpolate(noisy.xt, size=eps_hat.shape[2:], mode="area")
-            logits.append(logits_from_mask(x0_from_eps(xt, eps_hat, alpha_bar)))
-        seg_loss = self.loss(logits if isinstance(output, (list, tuple)) else logits[0], target)
+        seg_loss = self.loss(logits_from_eps(output, noisy.xt, alpha_bar), target)
         mse = F.mse_loss(full_resolution(output).float(), noisy.eps.float())
         return seg_loss + self.diffusion.mse_weight * mse

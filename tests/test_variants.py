@@ -1,6 +1,7 @@
 """Each ablation trainer changes exactly what it claims; checked on real nnU-Net trainers and batches."""
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +92,29 @@ def test_variant_settings_differ_and_checkpoints_are_refused_across_them():
     check_diffusion_settings(ckpt, DiffusionTrainer_noRecycle.diffusion, "x")
     with pytest.raises(ValueError, match="recycle"):
         check_diffusion_settings(ckpt, make_budget_trainer("DiffusionTrainer_1ep1it").diffusion, "x")
+
+
+ABLATIONS = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTrainer_predictNoise",
+             "DiffusionTrainer_1000steps"]
+
+
+@pytest.mark.parametrize("config", ["3d_fullres", pytest.param("2d", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("variant", ABLATIONS)
+def test_ablation_trains_validates_and_predicts_with_stock_commands(env, variant, config, tmp_path):
+    import os
+    import shutil
+
+    import SimpleITK as sitk
+
+    from conftest import BIN, _fold, _train, run
+    tr = f"{variant}_1ep2it"
+    proc = _train(env, tr, config=config)
+    assert "Mean Validation Dice" in proc.stdout
+    assert os.path.isfile(os.path.join(_fold(env, tr, config), "validation", "summary.json"))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(os.path.join(env["raw"], "imagesTr", "case_003_0000.nii.gz"), inp)
+    run([f"{BIN}/nnUNetv2_predict", "-i", str(inp), "-o", str(tmp_path / "out"), "-d", "990", "-c", config,
+         "-f", "0", "-tr", tr, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env=env)
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "case_003.nii.gz")))
+    assert seg.shape == (20, 24, 20) and set(np.unique(seg)) <= {0, 1, 2}
