@@ -184,25 +184,20 @@ def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", 
                                                                val_keys[:predict_cases])
     cases = [torch.from_numpy(np.asarray(ds.load_case(k)[0][:])).float() for k in ds.identifiers]
 
-    def stock_predictor(tr):
-        p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
-                            perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
-                            allow_tqdm=False)
+    def attach(p, tr):
         tr.set_deep_supervision_enabled(False)
         p.manual_initialization(tr.network, tr.plans_manager, tr.configuration_manager, None, tr.dataset_json,
                                 type(tr).__name__, tr.inference_allowed_mirroring_axes)
         return p
 
+    common = dict(tile_step_size=0.5, use_gaussian=True, perform_everything_on_device=dev.type == "cuda",
+                  device=dev, verbose=False, allow_tqdm=False)
+
+    def stock_predictor(tr):
+        return attach(nnUNetPredictor(use_mirroring=True, **common), tr)
+
     def diffusion_predictor(tta):
-        def make(tr):
-            p = DiffusionPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta != "off",
-                                   perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
-                                   allow_tqdm=False, tta=tta)
-            tr.set_deep_supervision_enabled(False)
-            p.manual_initialization(tr.network, tr.plans_manager, tr.configuration_manager, None, tr.dataset_json,
-                                    type(tr).__name__, tr.inference_allowed_mirroring_axes)
-            return p
-        return make
+        return lambda tr: attach(DiffusionPredictor(use_mirroring=tta != "off", tta=tta, **common), tr)
 
     predict = {"stock": [], "chain": [], "full": [], "off": []}
     makers = {"stock": (trainers["stock"], stock_predictor),

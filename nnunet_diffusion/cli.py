@@ -14,15 +14,24 @@ def trainers_path() -> str:
     return os.path.dirname(os.path.abspath(trainers.__file__))
 
 
+def int_in_range(name: str, low: int, high: Optional[int] = None):
+    """argparse type: an integer >= low (and <= high), with a message naming the option and the value."""
+    def parse(text: str) -> int:
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer {bound}, got {text!r}")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{name} must be an integer {bound}, got {value}")
+        return value
+    return parse
+
+
 def _steps(text: str) -> int:
+    # imported here so that other sub-commands (trainers-path) start without torch
     from nnunet_diffusion.schedule import NUM_BASE_LEVELS
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--steps must be an integer in [1, {NUM_BASE_LEVELS}], got {text!r}")
-    if not 1 <= value <= NUM_BASE_LEVELS:
-        raise argparse.ArgumentTypeError(f"--steps must be an integer in [1, {NUM_BASE_LEVELS}], got {value}")
-    return value
+    return int_in_range("--steps", 1, NUM_BASE_LEVELS)(text)
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
@@ -71,16 +80,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(f"{report['num_cases']} cases. {report['verdict']}.")
     print(f"wrote {os.path.join(args.o, 'report.md')}, report.json, per_class_dice.png")
     return 0
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _tolerance(text: str) -> float:
@@ -156,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", required=True, help="output folder for benchmark.json / benchmark.md")
     p.add_argument("--quick", action="store_true", help="few repeats, no Dice training (minutes on a CPU)")
     p.add_argument("--budget", default=None, help="EPOCHSxITERS for the Dice comparison (default 5x50)")
-    p.add_argument("--repeats", type=_positive_int, default=None, help="timed iterations per trainer")
+    p.add_argument("--repeats", type=int_in_range("--repeats", 1), default=None, help="timed iterations per trainer")
     p.add_argument("-device", dest="device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=_cmd_benchmark)
 

@@ -6,20 +6,8 @@ import os
 import sys
 from typing import List, Optional
 
+from nnunet_diffusion.cli import int_in_range
 from nnunet_diffusion.schedule import NUM_BASE_LEVELS
-
-
-def _int_in(name: str, low: int, high: Optional[int] = None):
-    def parse(text: str) -> int:
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer {bound}, got {text!r}")
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{name} must be an integer {bound}, got {value}")
-        return value
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,22 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the (mean over samples) probabilities as nnU-Net does")
     p.add_argument("--continue_prediction", action="store_true", help="do not overwrite existing predictions")
     p.add_argument("-chk", default="checkpoint_final.pth")
-    p.add_argument("-npp", type=_int_in("-npp", 0), default=3)
-    p.add_argument("-nps", type=_int_in("-nps", 0), default=3)
+    p.add_argument("-npp", type=int_in_range("-npp", 0), default=3)
+    p.add_argument("-nps", type=int_in_range("-nps", 0), default=3)
     p.add_argument("-prev_stage_predictions", default=None)
-    p.add_argument("-num_parts", type=_int_in("-num_parts", 1), default=1)
-    p.add_argument("-part_id", type=_int_in("-part_id", 0), default=0)
+    p.add_argument("-num_parts", type=int_in_range("-num_parts", 1), default=1)
+    p.add_argument("-part_id", type=int_in_range("-part_id", 0), default=0)
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"])
     p.add_argument("--disable_progress_bar", action="store_true")
     p.add_argument("--not_on_device", action="store_true")
     g = p.add_argument_group("diffusion sampling")
-    g.add_argument("--steps", type=_int_in("--steps", 1, NUM_BASE_LEVELS), default=None,
+    g.add_argument("--steps", type=int_in_range("--steps", 1, NUM_BASE_LEVELS), default=None,
                    help=f"levels K' of the sampling chain, 1 ... {NUM_BASE_LEVELS} (default: the trained K). The "
                         "network is conditioned on base levels, so any K' works; more steps cost more time.")
     g.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default: the trained sampler (ddpm)")
-    g.add_argument("--seed", type=_int_in("--seed", 0), default=0,
+    g.add_argument("--seed", type=int_in_range("--seed", 0), default=0,
                    help="noise seed; same seed, model, input and device give bit-identical files (default 0)")
-    g.add_argument("--num-samples", type=_int_in("--num-samples", 1), default=1,
+    g.add_argument("--num-samples", type=int_in_range("--num-samples", 1), default=1,
                    help="independent chains per case; the segmentation is the argmax of their mean probabilities")
     g.add_argument("--uncertainty", action="store_true",
                    help="write CASE_entropy and CASE_mutual_info beside CASE (use with --num-samples >= 2)")

@@ -32,15 +32,9 @@ from torch._dynamo import OptimizedModule
 from nnunet_diffusion.network import DiffusionUNet
 from nnunet_diffusion.noise import chain_noise, linear_index
 from nnunet_diffusion.sampling import p_sample_loop
-from nnunet_diffusion.schedule import NUM_BASE_LEVELS
+from nnunet_diffusion.schedule import kept_levels
 
 TTA_MODES = ("chain", "full", "off")
-
-
-def validate_steps(steps) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= NUM_BASE_LEVELS:
-        raise ValueError(f"steps must be an integer in [1, {NUM_BASE_LEVELS}], got {steps!r}")
-    return int(steps)
 
 
 def mirror_combinations(axes: Optional[Sequence[int]]) -> List[Tuple[int, ...]]:
@@ -74,7 +68,7 @@ class DiffusionPredictor(nnUNetPredictor):
                  tile_consistent_noise: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         if steps is not None:
-            validate_steps(steps)
+            kept_levels(steps)  # raises ValueError naming the bad value
         if sampler is not None and sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
