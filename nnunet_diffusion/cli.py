@@ -112,7 +112,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     budget = parse_budget(args.budget)
     out = args.o or os.path.join(str(nnUNet_results), maybe_convert_to_dataset_name(args.d), "experiments",
                                  f"{args.table}_{budget[0]}x{budget[1]}")
-    run_experiment(args.table, args.d, args.folds, budget, args.device, out)
+    run_experiment(args.table, args.d, args.folds, budget, args.device, out, jobs=args.jobs)
     return 0
 
 
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="10x50", help="EPOCHSxITERS for every trainer (default 10x50)")
     p.add_argument("-device", dest="device", default="cuda", choices=["cpu", "cuda"])
     p.add_argument("-o", default=None, help="report folder (default nnUNet_results/DATASET/experiments/TABLE_BUDGET)")
+    p.add_argument("--jobs", type=int_in_range("--jobs", 1, 64), default=1,
+                   help="runs that train at the same time (default 1); each still gets the full budget")
     p.set_defaults(func=_cmd_experiment)
     return parser
 

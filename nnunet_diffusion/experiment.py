@@ -5,17 +5,23 @@ table2: DiffusionTrainer and its four ablations in 3d_fullres (paper Table 2).
 
 Every run is ``nnUNetv2_train D C F -tr <Trainer>_<E>ep<I>it`` (the same budget for all), so results
 live in nnU-Net's usual folders. A run whose fold has ``checkpoint_final.pth`` and a validation summary
-is skipped; one with a ``checkpoint_latest.pth`` is continued with ``--c``. The comparisons are
-written with :func:`nnunet_diffusion.evaluation.compare` against nnU-Net's ``gt_segmentations``.
+is skipped; one with a ``checkpoint_latest.pth`` is continued with ``--c``. With ``jobs > 1`` that many
+runs train at the same time (one GPU with memory to spare, or several CPU cores); the budget, not the
+wall time, is what the runs share, so this changes no result. ``timings.json`` records each run's
+wall time (``runs``), the training phase's (``training_s``) and the reports' (``reports_s``). The comparisons are written with :func:`nnunet_diffusion.evaluation.compare` against
+nnU-Net's ``gt_segmentations``.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Sequence, Tuple
 
 TABLES: Dict[str, List[Tuple[str, str]]] = {
@@ -39,8 +45,23 @@ def _fold_done(fold_dir: str) -> bool:
         os.path.isfile(os.path.join(fold_dir, "validation", "summary.json"))
 
 
-def _train(cmd: List[str], env: dict, label: str, epochs: int, log_path: str) -> None:
-    """Run nnUNetv2_train, log everything to a file, print one progress line per epoch."""
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _train_command() -> str:
+    """nnUNetv2_train beside this interpreter (a venv), else the one on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train")
+    found = beside if os.path.isfile(beside) else shutil.which("nnUNetv2_train")
+    if found is None:
+        raise RuntimeError("nnUNetv2_train was not found beside this Python nor on PATH; is nnunetv2 installed?")
+    return found
+
+
+def _train(cmd: List[str], env: dict, label: str, epochs: int, log_path: str) -> float:
+    """Run nnUNetv2_train, log everything to a file, print one progress line per epoch; returns seconds."""
     start = time.time()
     with open(log_path, "a") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -53,18 +74,18 @@ def _train(cmd: List[str], env: dict, label: str, epochs: int, log_path: str) ->
                 first = epoch if first is None else first
                 done = epoch - first
                 elapsed = time.time() - start
-                eta = elapsed / done * (epochs - epoch) if done else float("nan")
-                print(f"  {label}: epoch {epoch + 1}/{epochs}, {elapsed / 60:.1f} min elapsed, "
-                      f"~{eta / 60:.1f} min left in this run", flush=True)
+                left = f", ~{elapsed / done * (epochs - epoch) / 60:.1f} min left in this run" if done else ""
+                print(f"  {label}: epoch {epoch + 1}/{epochs}, {elapsed / 60:.1f} min elapsed{left}", flush=True)
             elif "Validation complete" in line or "Mean Validation Dice" in line:
                 print(f"  {label}: {line.strip().split(': ', 1)[-1]}", flush=True)
         rc = proc.wait()
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {rc}; see {log_path}")
+    return time.time() - start
 
 
 def run_experiment(table: str, dataset: str, folds: Sequence[int], budget: Tuple[int, int], device: str,
-                   out_dir: str) -> Dict:
+                   out_dir: str, jobs: int = 1) -> Dict:
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
@@ -74,6 +95,8 @@ def run_experiment(table: str, dataset: str, folds: Sequence[int], budget: Tuple
 
     if table not in TABLES:
         raise ValueError(f"table must be one of {sorted(TABLES)}, got {table!r}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     name = maybe_convert_to_dataset_name(dataset)
     epochs, iters = budget
     plans = os.path.join(str(nnUNet_preprocessed), name, "nnUNetPlans.json")
@@ -88,24 +111,45 @@ def run_experiment(table: str, dataset: str, folds: Sequence[int], budget: Tuple
     env.setdefault("nnUNet_extTrainer", trainers_path())
     env.setdefault("nnUNet_n_proc_DA", "0" if device == "cpu" else env.get("nnUNet_n_proc_DA", "8"))
     env.setdefault("nnUNet_compile", "f" if device == "cpu" else "t")
-    bin_dir = os.path.dirname(sys.executable)
+    train_bin = _train_command()
     runs = [(tr, cfg, f) for tr, cfg in TABLES[table] for f in folds]
+    timings_path = os.path.join(out_dir, "timings.json")
+    timings = json.load(open(timings_path)) if os.path.isfile(timings_path) else {}
+    timings.setdefault("runs", {})
+    lock = threading.Lock()
     t0 = time.time()
-    for i, (tr, cfg, fold) in enumerate(runs, 1):
+
+    def one(i: int, tr: str, cfg: str, fold: int) -> None:
         trainer = budget_name(tr, epochs, iters)
         fold_dir = os.path.join(str(nnUNet_results), name, f"{trainer}__nnUNetPlans__{cfg}", f"fold_{fold}")
         label = f"[run {i}/{len(runs)}] {trainer} {cfg} fold {fold}"
         if _fold_done(fold_dir):
             print(f"{label}: finished earlier, skipped", flush=True)
-            continue
-        cmd = [os.path.join(bin_dir, "nnUNetv2_train"), dataset, cfg, str(fold), "-tr", trainer, "-device", device]
+            return
+        cmd = [train_bin, dataset, cfg, str(fold), "-tr", trainer, "-device", device]
         if os.path.isfile(os.path.join(fold_dir, "checkpoint_latest.pth")) or \
                 os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")):
             cmd.append("--c")
             print(f"{label}: continuing from its last checkpoint", flush=True)
         else:
             print(f"{label}: training ({time.time() - t0:.0f} s into the experiment)", flush=True)
-        _train(cmd, env, label, epochs, os.path.join(out_dir, f"{trainer}__{cfg}__fold_{fold}.log"))
+        seconds = _train(cmd, env, label, epochs, os.path.join(out_dir, f"{trainer}__{cfg}__fold_{fold}.log"))
+        print(f"{label}: done in {seconds / 60:.1f} min", flush=True)
+        with lock:
+            timings["runs"][f"{trainer}__{cfg}__fold_{fold}"] = round(seconds, 1)
+            _write_json(timings_path, timings)
+
+    if jobs == 1:
+        for i, run in enumerate(runs, 1):
+            one(i, *run)
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(one, i, *run) for i, run in enumerate(runs, 1)]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:  # every run got its chance; report the first failure
+            raise errors[0]
+    timings["training_s"] = round(time.time() - t0, 1)
+    t_reports = time.time()
 
     gt = os.path.join(str(nnUNet_preprocessed), name, "gt_segmentations")
     reports = {}
@@ -115,6 +159,8 @@ def run_experiment(table: str, dataset: str, folds: Sequence[int], budget: Tuple
         dest = os.path.join(out_dir, f"{a}_vs_{b}_{cfg}")
         reports[f"{a} vs {b} ({cfg})"] = compare(folder(a), folder(b), gt, dest, names=[a, b])
         print(f"{a} vs {b} ({cfg}): {reports[f'{a} vs {b} ({cfg})']['verdict']}", flush=True)
+    timings["reports_s"] = round(time.time() - t_reports, 1)
+    _write_json(timings_path, timings)
     summary = write_table(table, reports, out_dir, budget, folds, device)
     print(f"wrote {summary}", flush=True)
     return reports

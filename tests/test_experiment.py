@@ -1,16 +1,30 @@
-"""The experiment runner on the tiny synthetic dataset: table1 trains four runs, writes the comparison
-reports, and a second call skips every finished run."""
+"""The experiment runner on the tiny synthetic dataset: table1 trains four runs (two at a time), writes the
+comparison reports and timings, and a second call skips every finished run. The time-boxed benchmark's
+calibration reads those real logs."""
+import importlib.util
 import json
 import os
 
+import pytest
+
 from conftest import BIN, DATASET, run
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _timeboxed():
+    path = os.path.join(HERE, "..", "benchmarks", "timeboxed_experiment.py")
+    spec = importlib.util.spec_from_file_location("timeboxed_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_table1_runs_compares_and_resumes(env, tmp_path):
     out = tmp_path / "t1"
     cmd = [f"{BIN}/nnunet-diffusion", "experiment", "table1", "-d", "990", "--budget", "1x2", "-device", "cpu",
            "-o", str(out)]
-    proc = run(cmd, env=env)
+    proc = run(cmd + ["--jobs", "2"], env=env)
     for cfg in ("2d", "3d_fullres"):
         for tr in ("nnUNetTrainer_1ep2it", "DiffusionTrainer_1ep2it"):
             fold = os.path.join(env["nnUNet_results"], DATASET, f"{tr}__nnUNetPlans__{cfg}", "fold_0")
@@ -23,5 +37,30 @@ def test_table1_runs_compares_and_resumes(env, tmp_path):
     table = (out / "table1.md").read_text()
     assert "| DiffusionTrainer | 3d_fullres |" in table and "| nnUNetTrainer | 2d |" in table
 
+    timings = json.load(open(out / "timings.json"))
+    assert len(timings["runs"]) == 4 and all(v > 0 for v in timings["runs"].values())
+    assert timings["reports_s"] > 0 and timings["training_s"] >= max(timings["runs"].values())
+
+    runs = _timeboxed().calibrate(str(out), "1x2")
+    assert set(runs) == set(timings["runs"])
+    for r in runs.values():
+        assert len(r["epoch_s"]) == 1 and 0 < r["s_per_iteration"] < r["wall_s"] and r["fixed_s"] >= 0
+
     again = run(cmd, env=env)
     assert again.stdout.count("finished earlier, skipped") == 4
+
+
+def test_timeboxed_budget_arithmetic():
+    tb = _timeboxed()
+    runs = {"a": {"fixed_s": 30.0, "s_per_iteration": 0.1}, "b": {"fixed_s": 60.0, "s_per_iteration": 0.5}}
+    # slowest run: 60 s fixed + 10 epochs * 1.2 * I * 0.5 s <= 0.5 * 1000 s  ->  I = 73
+    assert tb.choose_iterations(runs, 1000, 10, 0.5, waves=1) == 73
+    # two waves share the time: 250 - 60 = 190 s  ->  I = 31
+    assert tb.choose_iterations(runs, 1000, 10, 0.5, waves=2) == 31
+    assert tb.choose_iterations(runs, 100, 10, 0.5, waves=1) == 0
+
+
+@pytest.mark.parametrize("jobs", ["0", "x"])
+def test_experiment_rejects_bad_jobs(jobs, env):
+    proc = run([f"{BIN}/nnunet-diffusion", "experiment", "table1", "-d", "990", "--jobs", jobs], env=env, check=False)
+    assert proc.returncode != 0 and "--jobs must be an integer" in proc.stderr
