@@ -31,9 +31,8 @@ if ! $PY -c "import nnunetv2, SimpleITK" 2>/dev/null; then
   SITE=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   tar -xJf .whl/sitk.tar.xz -C "$SITE" || exit 1
 fi
-if ! $PY -c "import nnunet_diffusion" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
-fi
+# this checkout, used in place (nnUNetv2_train runs outside it, so a path, not the current folder)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" nnUNet_extTrainer="$PWD/trainers"
 $PY - <<'EOF'
 import torch, nnunetv2, importlib.metadata as md
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(),

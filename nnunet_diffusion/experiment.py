@@ -108,7 +108,8 @@ def run_experiment(table: str, dataset: str, folds: Sequence[int], budget: Tuple
         raise ValueError(f"{name} has no plans for {missing}")
     os.makedirs(out_dir, exist_ok=True)
     env = dict(os.environ)
-    env.setdefault("nnUNet_extTrainer", trainers_path())
+    if "nnUNet_extTrainer" not in env:  # setdefault would import the trainers package regardless
+        env["nnUNet_extTrainer"] = trainers_path()
     env.setdefault("nnUNet_n_proc_DA", "0" if device == "cpu" else env.get("nnUNet_n_proc_DA", "8"))
     env.setdefault("nnUNet_compile", "f" if device == "cpu" else "t")
     train_bin = _train_command()
