@@ -51,6 +51,18 @@ def _write_json(path: str, obj) -> None:
     os.replace(path + ".tmp", path)
 
 
+def training_env(base, device: str) -> dict:
+    """Environment for the nnUNetv2_train runs: the caller's values win; otherwise nnUNet_extTrainer points
+    at the installed trainers folder, and on CPU data augmentation runs in-process without compile."""
+    env = dict(base)
+    if "nnUNet_extTrainer" not in env:  # only then: a checkout used in place has no installed trainers package
+        from nnunet_diffusion.cli import trainers_path
+        env["nnUNet_extTrainer"] = trainers_path()
+    env.setdefault("nnUNet_n_proc_DA", "0" if device == "cpu" else "8")
+    env.setdefault("nnUNet_compile", "f" if device == "cpu" else "t")
+    return env
+
+
 def _train_command() -> str:
     """nnUNetv2_train beside this interpreter (a venv), else the one on PATH."""
     beside = os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train")
@@ -90,7 +102,6 @@ def run_experiment(table: str, dataset: str, folds: Sequence[int], budget: Tuple
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     from nnunet_diffusion.budget import budget_name
-    from nnunet_diffusion.cli import trainers_path
     from nnunet_diffusion.evaluation import compare
 
     if table not in TABLES:
@@ -107,11 +118,7 @@ def run_experiment(table: str, dataset: str, folds: Sequence[int], budget: Tuple
     if missing:
         raise ValueError(f"{name} has no plans for {missing}")
     os.makedirs(out_dir, exist_ok=True)
-    env = dict(os.environ)
-    if "nnUNet_extTrainer" not in env:  # setdefault would import the trainers package regardless
-        env["nnUNet_extTrainer"] = trainers_path()
-    env.setdefault("nnUNet_n_proc_DA", "0" if device == "cpu" else env.get("nnUNet_n_proc_DA", "8"))
-    env.setdefault("nnUNet_compile", "f" if device == "cpu" else "t")
+    env = training_env(os.environ, device)
     train_bin = _train_command()
     runs = [(tr, cfg, f) for tr, cfg in TABLES[table] for f in folds]
     timings_path = os.path.join(out_dir, "timings.json")

@@ -64,3 +64,18 @@ def test_timeboxed_budget_arithmetic():
 def test_experiment_rejects_bad_jobs(jobs, env):
     proc = run([f"{BIN}/nnunet-diffusion", "experiment", "table1", "-d", "990", "--jobs", jobs], env=env, check=False)
     assert proc.returncode != 0 and "--jobs must be an integer" in proc.stderr
+
+
+def test_training_env_keeps_the_callers_values(monkeypatch):
+    import nnunet_diffusion.cli as cli
+    from nnunet_diffusion.experiment import training_env
+
+    def boom():
+        raise AssertionError("trainers_path must not be called when nnUNet_extTrainer is set")
+
+    monkeypatch.setattr(cli, "trainers_path", boom)
+    env = training_env({"nnUNet_extTrainer": "/checkout/trainers", "nnUNet_n_proc_DA": "3"}, "cuda")
+    assert env == {"nnUNet_extTrainer": "/checkout/trainers", "nnUNet_n_proc_DA": "3", "nnUNet_compile": "t"}
+    monkeypatch.setattr(cli, "trainers_path", lambda: "/installed/trainers")
+    env = training_env({}, "cpu")
+    assert env == {"nnUNet_extTrainer": "/installed/trainers", "nnUNet_n_proc_DA": "0", "nnUNet_compile": "f"}
