@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+from nnunet_diffusion.budget import parse_budget, validation_iterations
+
 
 def _run_table(table, dataset, budget, jobs, device, out, env) -> float:
     cmd = [sys.executable, "-m", "nnunet_diffusion.cli", "experiment", table, "-d", dataset, "--budget", budget,
@@ -40,8 +42,8 @@ def _run_table(table, dataset, budget, jobs, device, out, env) -> float:
 
 def calibrate(out: str, calib_budget: str) -> dict:
     """Per run: seconds per training iteration (last epoch) and fixed cost, from the calibration logs."""
-    epochs, iters = (int(v) for v in calib_budget.lower().split("x"))
-    per_epoch_iters = iters + max(1, iters // 5)
+    epochs, iters = parse_budget(calib_budget)
+    per_epoch_iters = iters + validation_iterations(iters)
     timings = json.load(open(os.path.join(out, "timings.json")))
     runs = {}
     for key, wall in timings["runs"].items():
@@ -57,12 +59,15 @@ def calibrate(out: str, calib_budget: str) -> dict:
 
 
 def choose_iterations(runs: dict, seconds_left: float, epochs: int, safety: float, waves: int) -> int:
-    """Largest I such that ``waves`` rounds of the slowest run, fixed + epochs * (I + I//5) * s_per_it each,
+    """Largest I such that ``waves`` rounds of the slowest run, fixed + epochs * (I + max(1, I//5)) * s_per_it each,
     fit in safety * seconds_left (jobs >= number of runs: one wave)."""
     worst_fixed = max(r["fixed_s"] for r in runs.values())
     worst_it = max(r["s_per_iteration"] for r in runs.values())
     usable = safety * seconds_left / waves - worst_fixed
-    return int(usable / (epochs * 1.2 * worst_it)) if usable > 0 else 0
+    iters = max(0, int(usable / (epochs * worst_it)))  # an upper bound: validation iterations left out
+    while iters > 0 and epochs * (iters + validation_iterations(iters)) * worst_it > usable:
+        iters -= 1
+    return iters
 
 
 def main(argv=None) -> int:
@@ -83,6 +88,10 @@ def main(argv=None) -> int:
     start = time.time()
     os.makedirs(args.o, exist_ok=True)
 
+    def save(record: dict) -> None:
+        with open(os.path.join(args.o, "timebox.json"), "w") as f:
+            json.dump(record, f, indent=1)
+
     calib_out = os.path.join(args.o, "calibration")
     env = dict(os.environ, nnUNet_results=os.path.join(args.o, "calibration_results"))
     calib_wall = _run_table(args.table, args.d, args.calibration, args.jobs, args.device, calib_out, env)
@@ -98,17 +107,17 @@ def main(argv=None) -> int:
         print(f"calibration {key}: {r['s_per_iteration']:.3f} s/iteration, fixed {r['fixed_s']:.0f} s", flush=True)
     if iters < 1:
         record["error"] = "no budget fits"
-        json.dump(record, open(os.path.join(args.o, "timebox.json"), "w"), indent=1)
+        save(record)
         print(f"not even {args.epochs}x1 fits in the {left:.0f} s left; give more --seconds or fewer --epochs",
               file=sys.stderr)
         return 1
     budget = f"{args.epochs}x{iters}"
     print(f"budget {budget}: {left:.0f} s left for training ({time.time() - start:.0f} s used)", flush=True)
-    json.dump(record, open(os.path.join(args.o, "timebox.json"), "w"), indent=1)
+    save(record)
     record["experiment_wall_s"] = _run_table(args.table, args.d, budget, args.jobs, args.device,
                                              os.path.join(args.o, f"{args.table}_{budget}"), dict(os.environ))
     record["total_wall_s"] = time.time() - start
-    json.dump(record, open(os.path.join(args.o, "timebox.json"), "w"), indent=1)
+    save(record)
     print(f"done in {record['total_wall_s']:.0f} s of {args.seconds:.0f}", flush=True)
     return 0
 

@@ -33,6 +33,11 @@ def parse_budget(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def validation_iterations(iterations: int) -> int:
+    """Validation iterations per epoch of a budget trainer: nnU-Net's 250:50 ratio, at least 1."""
+    return max(1, iterations // 5)
+
+
 def _find_base(name: str) -> type:
     from nnunet_diffusion import variants, trainer
     for module in (trainer, variants):
@@ -64,7 +69,7 @@ def make_budget_trainer(name: str) -> type:
         base.__init__(self, plans, configuration, fold, dataset_json, device)
         self.num_epochs = epochs
         self.num_iterations_per_epoch = iters
-        self.num_val_iterations_per_epoch = max(1, iters // 5)
+        self.num_val_iterations_per_epoch = validation_iterations(iters)
         # nnU-Net saves checkpoint_latest every 50 epochs; a short run saves 5 times (at least every epoch)
         self.save_every = max(1, min(self.save_every, epochs // 5))
 

@@ -8,8 +8,9 @@ live in nnU-Net's usual folders. A run whose fold has ``checkpoint_final.pth`` a
 is skipped; one with a ``checkpoint_latest.pth`` is continued with ``--c``. With ``jobs > 1`` that many
 runs train at the same time (one GPU with memory to spare, or several CPU cores); the budget, not the
 wall time, is what the runs share, so this changes no result. ``timings.json`` records each run's
-wall time (``runs``), the training phase's (``training_s``) and the reports' (``reports_s``). The comparisons are written with :func:`nnunet_diffusion.evaluation.compare` against
-nnU-Net's ``gt_segmentations``.
+wall time (``runs``), the training phase's (``training_s``) and the reports' (``reports_s``). The
+comparisons are written with :func:`nnunet_diffusion.evaluation.compare` against nnU-Net's
+``gt_segmentations``.
 """
 from __future__ import annotations
 

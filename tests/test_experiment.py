@@ -53,10 +53,12 @@ def test_table1_runs_compares_and_resumes(env, tmp_path):
 def test_timeboxed_budget_arithmetic():
     tb = _timeboxed()
     runs = {"a": {"fixed_s": 30.0, "s_per_iteration": 0.1}, "b": {"fixed_s": 60.0, "s_per_iteration": 0.5}}
-    # slowest run: 60 s fixed + 10 epochs * 1.2 * I * 0.5 s <= 0.5 * 1000 s  ->  I = 73
-    assert tb.choose_iterations(runs, 1000, 10, 0.5, waves=1) == 73
-    # two waves share the time: 250 - 60 = 190 s  ->  I = 31
-    assert tb.choose_iterations(runs, 1000, 10, 0.5, waves=2) == 31
+    # slowest run: 60 s fixed + 10 epochs * (I + I//5) * 0.5 s <= 0.5 * 1000 s: 74 + 14 = 88 fits, 75 + 15 not
+    assert tb.choose_iterations(runs, 1000, 10, 0.5, waves=1) == 74
+    # two waves share the time: 250 - 60 = 190 s -> I + I//5 <= 38: 32 + 6 fits, 33 + 6 not
+    assert tb.choose_iterations(runs, 1000, 10, 0.5, waves=2) == 32
+    # tiny budgets count the one validation iteration: 60 + 10 * (2 + 1) * 0.5 = 75 s fits, I = 3 needs 80 s
+    assert tb.choose_iterations(runs, 150, 10, 0.5, waves=1) == 2
     assert tb.choose_iterations(runs, 100, 10, 0.5, waves=1) == 0
 
 
