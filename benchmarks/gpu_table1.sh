@@ -61,7 +61,7 @@ cp "$WORK"/experiment/timebox.json "$OUT"/ 2>/dev/null
 cp "$WORK"/experiment/table1_*/table1.md "$OUT"/ 2>/dev/null
 (cd "$WORK" && tar -czf "$OUT/experiment.tar.gz" experiment/*/*.md experiment/*/*.json experiment/*/*.log \
   experiment/*/*/report.* experiment/*/*/per_class_dice.png plan.log \
-  $(cd "$WORK" && ls -d results/*/*/fold_*/{training_log_*.txt,progress.png,debug.json,validation/summary.json} \
+  $(ls -d results/*/*/fold_*/{training_log_*.txt,progress.png,debug.json,validation/summary.json} \
     preprocessed/*/nnUNetPlans.json preprocessed/*/splits_final.json 2>/dev/null)) 2>/dev/null
 echo "[$(elapsed) s] packed results into $OUT"
 exit $RC

@@ -132,6 +132,7 @@ def run_experiment(table: str, dataset: str, folds: Sequence[int], budget: Tuple
         trainer = budget_name(tr, epochs, iters)
         fold_dir = os.path.join(str(nnUNet_results), name, f"{trainer}__nnUNetPlans__{cfg}", f"fold_{fold}")
         label = f"[run {i}/{len(runs)}] {trainer} {cfg} fold {fold}"
+        key = f"{trainer}__{cfg}__fold_{fold}"  # names the log file and the timings entry
         if _fold_done(fold_dir):
             print(f"{label}: finished earlier, skipped", flush=True)
             return
@@ -142,10 +143,10 @@ def run_experiment(table: str, dataset: str, folds: Sequence[int], budget: Tuple
             print(f"{label}: continuing from its last checkpoint", flush=True)
         else:
             print(f"{label}: training ({time.time() - t0:.0f} s into the experiment)", flush=True)
-        seconds = _train(cmd, env, label, epochs, os.path.join(out_dir, f"{trainer}__{cfg}__fold_{fold}.log"))
+        seconds = _train(cmd, env, label, epochs, os.path.join(out_dir, f"{key}.log"))
         print(f"{label}: done in {seconds / 60:.1f} min", flush=True)
         with lock:
-            timings["runs"][f"{trainer}__{cfg}__fold_{fold}"] = round(seconds, 1)
+            timings["runs"][key] = round(seconds, 1)
             _write_json(timings_path, timings)
 
     if jobs == 1:
