@@ -60,6 +60,18 @@ def _labels(values: Optional[List[int]]) -> Optional[List[int]]:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from nnunet_diffusion.evaluation import evaluate_folders
     result = evaluate_folders(args.ref, args.pred, _labels(args.l), args.tolerance, args.file_ending)
+    if args.steps:
+        from nnunet_diffusion.evaluation import step_suffixes
+        suffixes = step_suffixes(args.pred, args.file_ending)
+        if not suffixes:
+            raise ValueError(f"--steps: {args.pred} holds no CASE_step<k> files (predict with --save-steps)")
+        result["steps"] = {}
+        for suffix in suffixes:
+            r = evaluate_folders(args.ref, args.pred, result["labels"], args.tolerance, args.file_ending, suffix)
+            result["steps"][suffix[1:]] = {"summary": r["summary"],
+                                           "per_case_dice": {c: v["case"]["dice"] for c, v in r["cases"].items()}}
+            print(f"{suffix[1:]}: Dice {r['summary']['case']['dice']['mean']:.4f} over {r['summary']['num_cases']} "
+                  f"cases")
     os.makedirs(os.path.dirname(os.path.abspath(args.o)), exist_ok=True)
     with open(args.o, "w") as f:
         json.dump(result, f, indent=1)
@@ -136,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-l", type=int, nargs="+", default=None, help="foreground labels (default: all found)")
     p.add_argument("--tolerance", type=_tolerance, default=1.0, help="NSD tolerance in mm (default 1.0)")
     p.add_argument("--file-ending", default=".nii.gz")
+    p.add_argument("--steps", action="store_true",
+                   help="also score every step of a --save-steps folder (CASE_step{k}) and print Dice per step")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("compare", help="two methods side by side: paper table, per-class Dice, paired tests")

@@ -1,13 +1,24 @@
 """Diffusion settings: one small frozen dataclass (ARCHITECTURE.md habit 5)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 from nnunet_diffusion.schedule import BETA_END, BETA_START, NUM_BASE_LEVELS, Schedule
 
 PREDICTIONS = ("x0", "eps")
 SAMPLERS = ("ddpm", "ddim")
+RECYCLE_SOURCES = ("next", "noise")
+
+
+def _check_int(name: str, value, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise ValueError(f"{name} must be an integer in [1, {high}], got {value!r}")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -23,6 +34,15 @@ class DiffusionConfig:
     use_dice: add nnU-Net's Dice loss to cross-entropy.
     mse_weight: weight of MSE(eps_hat, eps) when ``prediction == "eps"``.
     sampler: ``"ddpm"`` or ``"ddim"`` (eta = 0) for the reverse process.
+    recycle_source: where the recycle pass starts. ``"next"`` (the paper, eq. 8-9): the ground truth noised
+        to the next noisier level k' = min(k + 1, K). ``"noise"``: level K for every sample, i.e. what the
+        sampling chain's first step sees (pure noise), so x_t is built from the prediction the chain starts from.
+    supervise_recycle: the recycle pass is also supervised (Dice + CE, with gradient); its x0_hat is still
+        detached before it builds x_t (the stop-gradient of eq. 9). The loss is the mean of the two passes'.
+    average_last: m, inference: the segmentation is the mean softmax probability of the x0_hat estimates of
+        the chain's last m steps (1: the last step's logits, the paper).
+
+    The defaults are the paper's configuration; ``DiffusionTrainer`` may use another (see trainer.py).
     """
 
     num_steps: int = 5
@@ -35,18 +55,18 @@ class DiffusionConfig:
     num_base_levels: int = NUM_BASE_LEVELS
     beta_start: float = BETA_START
     beta_end: float = BETA_END
+    recycle_source: str = "next"
+    supervise_recycle: bool = False
+    average_last: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("num_steps", "train_num_steps"):
-            value = getattr(self, name)
-            if value is None and name == "train_num_steps":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.num_base_levels:
-                raise ValueError(f"{name} must be an integer in [1, {self.num_base_levels}], got {value!r}")
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        _check_int("num_steps", self.num_steps, self.num_base_levels)
+        if self.train_num_steps is not None:
+            _check_int("train_num_steps", self.train_num_steps, self.num_base_levels)
+        _check_choice("prediction", self.prediction, PREDICTIONS)
+        _check_choice("sampler", self.sampler, SAMPLERS)
+        _check_choice("recycle_source", self.recycle_source, RECYCLE_SOURCES)
+        _check_int("average_last", self.average_last, self.num_steps)
 
     def inference_schedule(self, num_steps: Optional[int] = None) -> Schedule:
         return Schedule.resampled(num_steps or self.num_steps, self.num_base_levels, self.beta_start, self.beta_end)
@@ -57,3 +77,42 @@ class DiffusionConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DiffusionConfig":
+        """The settings a checkpoint recorded. A field the checkpoint lacks was added after it was written and
+        gets the paper's value, which is what the code did before the field existed."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown diffusion settings {unknown}: written by a newer nnunet-diffusion?")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How one prediction samples (inference only; the weights do not depend on it).
+
+    num_steps: K' levels of the chain; sampler: "ddpm" or "ddim"; average_last: output = mean softmax of the
+    last m steps' x0_hat; seed: noise seed of the generator used when no noise is passed in (None: torch's
+    global RNG).
+    """
+
+    num_steps: int
+    sampler: str = "ddpm"
+    average_last: int = 1
+    seed: Optional[int] = 0
+
+    def __post_init__(self) -> None:
+        _check_int("num_steps", self.num_steps, NUM_BASE_LEVELS)
+        _check_choice("sampler", self.sampler, SAMPLERS)
+        _check_int("average_last", self.average_last, self.num_steps)
+
+    @classmethod
+    def from_config(cls, config: DiffusionConfig, **overrides) -> "SamplingSettings":
+        """The trained settings, with any of ``overrides`` (None values keep the trained setting)."""
+        values = {"num_steps": config.num_steps, "sampler": config.sampler, "average_last": config.average_last}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "average_last" not in overrides or overrides["average_last"] is None:
+            values["average_last"] = min(values["average_last"], values["num_steps"])
+        return cls(**values)

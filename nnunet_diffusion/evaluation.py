@@ -15,6 +15,7 @@ Empty masks (documented rules, never a silent NaN):
 from __future__ import annotations
 
 import json
+import re
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -86,9 +87,10 @@ def _read(path: str) -> Tuple[np.ndarray, Tuple[float, ...]]:
     return sitk.GetArrayFromImage(img), tuple(reversed(img.GetSpacing()))
 
 
-def _label_files(folder: str, file_ending: str) -> Dict[str, str]:
+def _label_files(folder: str, file_ending: str, suffix: str = "") -> Dict[str, str]:
     """Case -> file. ``folder`` is a folder of label files, or an nnU-Net results folder whose
-    ``fold_*/validation`` folders hold the cross-validation predictions."""
+    ``fold_*/validation`` folders hold the cross-validation predictions. With ``suffix`` (e.g. ``"_step5"``),
+    only files ``CASE{suffix}{file_ending}`` count, under the name CASE."""
     if not os.path.isdir(folder):
         raise ValueError(f"folder {folder} does not exist")
     folds = sorted(d for d in os.listdir(folder) if d.startswith("fold_")
@@ -96,16 +98,31 @@ def _label_files(folder: str, file_ending: str) -> Dict[str, str]:
     if folds:
         files: Dict[str, str] = {}
         for d in folds:
-            files.update(_label_files(os.path.join(folder, d, "validation"), file_ending))
+            files.update(_label_files(os.path.join(folder, d, "validation"), file_ending, suffix))
         return files
+    if suffix:
+        end = suffix + file_ending
+        return {f[:-len(end)]: os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(end)}
     return {f[:-len(file_ending)]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
-            if f.endswith(file_ending) and not f.endswith(("_entropy" + file_ending, "_mutual_info" + file_ending))}
+            if f.endswith(file_ending) and not f.endswith(("_entropy" + file_ending, "_mutual_info" + file_ending))
+            and not _STEP_FILE.search(f[:-len(file_ending)])}
+
+
+_STEP_FILE = re.compile(r"_step[0-9]+$")
+
+
+def step_suffixes(folder: str, file_ending: str = ".nii.gz") -> List[str]:
+    """The ``_step{k}`` suffixes of a ``--save-steps`` prediction folder, first step (largest k) first."""
+    ks = {int(m.group(1)) for f in os.listdir(folder) if f.endswith(file_ending)
+          for m in [re.search(r"_step([0-9]+)$", f[:-len(file_ending)])] if m}
+    return [f"_step{k}" for k in sorted(ks, reverse=True)]
 
 
 def evaluate_folders(ref_folder: str, pred_folder: str, labels: Optional[Sequence[int]] = None,
-                     tolerance_mm: float = 1.0, file_ending: str = ".nii.gz") -> Dict:
-    """Metrics for every case of ``ref_folder`` that ``pred_folder`` also has (same file name)."""
-    refs, preds = _label_files(ref_folder, file_ending), _label_files(pred_folder, file_ending)
+                     tolerance_mm: float = 1.0, file_ending: str = ".nii.gz", suffix: str = "") -> Dict:
+    """Metrics for every case of ``ref_folder`` that ``pred_folder`` also has (same file name; with ``suffix``,
+    the prediction files ``CASE{suffix}``, e.g. one step of ``--save-steps``)."""
+    refs, preds = _label_files(ref_folder, file_ending), _label_files(pred_folder, file_ending, suffix)
     cases = [c for c in refs if c in preds]
     if not cases:
         raise ValueError(f"no case of {ref_folder} has a prediction in {pred_folder} (files ending {file_ending})")

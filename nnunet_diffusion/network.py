@@ -10,14 +10,15 @@ scales and shifts is zero-initialised: an untrained time path is the identity.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_diffusion.config import DiffusionConfig
-from nnunet_diffusion.sampling import NetworkOutput, p_sample_loop
+from nnunet_diffusion.config import DiffusionConfig, SamplingSettings
+from nnunet_diffusion.sampling import NetworkOutput, StepHook, p_sample_loop
+from nnunet_diffusion.schedule import Schedule
 
 _NORM_TYPES = (nn.modules.instancenorm._InstanceNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
@@ -118,14 +119,9 @@ class DiffusionUNet(nn.Module):
         self.time_proj = nn.Linear(hidden, 2 * sum(self.film_channels))
         nn.init.zeros_(self.time_proj.weight)
         nn.init.zeros_(self.time_proj.bias)
-        # inference settings; the predictor may change them without touching the weights
-        self.sampling_steps: int = config.num_steps
-        self.sampler: str = config.sampler
-        # noise of the sampling chain: from ``generator`` if set, else a fresh generator seeded
-        # with ``seed`` at every call (so stock nnUNetv2_predict is deterministic), else torch's global RNG
-        self.generator: Optional[torch.Generator] = None
-        self.seed: Optional[int] = 0
-        self._schedule = config.inference_schedule()
+        # the settings nnU-Net's own calls (validation, nnUNetv2_predict) sample with; other callers pass theirs
+        self.default_sampling = SamplingSettings.from_config(config)
+        self._schedules: Dict[int, Schedule] = {}
         self.training_schedule = config.training_schedule()
 
     # nnU-Net's set_deep_supervision_enabled reaches network.decoder.deep_supervision
@@ -133,15 +129,12 @@ class DiffusionUNet(nn.Module):
     def decoder(self) -> nn.Module:
         return self.unet.decoder
 
-    @property
-    def encoder(self) -> nn.Module:
-        return self.unet.encoder
-
-    @property
-    def schedule(self):
-        if self._schedule.num_steps != self.sampling_steps:
-            self._schedule = self.config.inference_schedule(self.sampling_steps)
-        return self._schedule
+    def schedule(self, num_steps: Optional[int] = None) -> Schedule:
+        """The inference chain with ``num_steps`` levels (default: the trained K), built once per K."""
+        num_steps = num_steps or self.config.num_steps
+        if num_steps not in self._schedules:
+            self._schedules[num_steps] = self.config.inference_schedule(num_steps)
+        return self._schedules[num_steps]
 
     def _condition(self, t: torch.Tensor, batch_size: int) -> None:
         if t.ndim != 1 or t.shape[0] != batch_size:
@@ -168,19 +161,29 @@ class DiffusionUNet(nn.Module):
         finally:
             self._clear()
 
-    def sample(self, image: torch.Tensor) -> NetworkOutput:
-        """The K-step chain from pure noise; returns the last step's logits."""
-        generator = self.generator
-        if generator is None and self.seed is not None:
-            generator = torch.Generator(device=image.device).manual_seed(self.seed)
-        return p_sample_loop(self.denoise, image, self.schedule, self.num_classes, sampler=self.sampler,
-                             prediction=self.config.prediction, generator=generator)
+    def sample(self, image: torch.Tensor, settings: Optional[SamplingSettings] = None, *,
+               noise: Optional[Sequence[torch.Tensor]] = None, mirrors: Optional[Sequence[Tuple[int, ...]]] = None,
+               on_step: Optional[StepHook] = None) -> NetworkOutput:
+        """The chain from pure noise (:func:`p_sample_loop`) with ``settings`` (default: the trained ones).
+        Without ``noise``, the noise comes from a generator seeded with ``settings.seed`` at every call
+        (so stock nnUNetv2_predict is deterministic), or torch's global RNG when the seed is None."""
+        settings = settings or self.default_sampling
+        generator = None
+        if noise is None and settings.seed is not None:
+            generator = torch.Generator(device=image.device).manual_seed(settings.seed)
+        return p_sample_loop(self.denoise, image, self.schedule(settings.num_steps), self.num_classes,
+                             sampler=settings.sampler, prediction=self.config.prediction, generator=generator,
+                             noise=noise, mirrors=mirrors, average_last=settings.average_last, on_step=on_step)
 
     def forward(self, image: torch.Tensor, xt: Optional[torch.Tensor] = None,
                 t: Optional[torch.Tensor] = None) -> NetworkOutput:
         if image.shape[1] != self.num_image_channels:
             raise ValueError(f"expected an image with {self.num_image_channels} channel(s), got {image.shape[1]}")
         if xt is None:
+            # the chain is what nnUNetv2_predict and validation call: refuse what would silently spread NaN/Inf
+            if not torch.isfinite(image).all():
+                raise ValueError(f"the image holds {int((~torch.isfinite(image)).sum())} NaN/Inf value(s); replace "
+                                 f"them (e.g. with the image minimum) before predicting")
             return self.sample(image)
         if t is None:
             raise ValueError("a denoising step needs both xt and t")

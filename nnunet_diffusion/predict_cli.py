@@ -48,9 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="independent chains per case; the segmentation is the argmax of their mean probabilities")
     g.add_argument("--uncertainty", action="store_true",
                    help="write CASE_entropy and CASE_mutual_info beside CASE (use with --num-samples >= 2)")
-    g.add_argument("--tta", choices=["chain", "full", "off"], default="full",
-                   help="chain: each denoising step uses another mirroring (K calls per tile); full: nnU-Net's "
-                        "mirroring around every chain (K x 8 calls per tile in 3D); off: no mirroring")
+    g.add_argument("--average-last", type=int_in_range("--average-last", 1, NUM_BASE_LEVELS), default=None,
+                   help="m: the output is the mean probability of the last m steps' x0_hat (default: the trained m)")
+    g.add_argument("--save-steps", action="store_true",
+                   help="also write the segmentation of every step's x0_hat: CASE_step{K}..CASE_step1 (step K is "
+                        "the first call, from pure noise)")
+    g.add_argument("--tta", choices=["full", "final", "chain", "off"], default="full",
+                   help="network calls per tile with K steps and M mirrorings (M = 8 in 3D): full K*M, nnU-Net's "
+                        "mirroring around whole chains; final K-1+M, each step another mirroring and the last "
+                        "step under all M; chain K, each step another mirroring; off K, no mirroring")
     return p
 
 
@@ -109,8 +115,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.part_id >= args.num_parts:
         print(f"error: -part_id ({args.part_id}) must be smaller than -num_parts ({args.num_parts})", file=sys.stderr)
         return 2
-    if args.uncertainty and args.npp == 0 and args.nps == 0:
-        print("error: --uncertainty needs -npp/-nps > 0 (the sequential mode exports no extra maps)", file=sys.stderr)
+    if (args.uncertainty or args.save_steps) and args.npp == 0 and args.nps == 0:
+        print("error: --uncertainty/--save-steps need -npp/-nps > 0 (the sequential mode exports no extra maps)",
+              file=sys.stderr)
         return 2
     try:
         model_folder = get_output_folder(args.d, args.tr, args.p, args.c)
@@ -126,8 +133,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                        verbose=args.verbose, verbose_preprocessing=args.verbose,
                                        allow_tqdm=not args.disable_progress_bar, steps=args.steps,
                                        sampler=args.sampler, seed=args.seed, num_samples=args.num_samples,
-                                       uncertainty=args.uncertainty,
-                                       tta="off" if args.disable_tta else args.tta)
+                                       uncertainty=args.uncertainty, average_last=args.average_last,
+                                       save_steps=args.save_steps, tta="off" if args.disable_tta else args.tta)
         for f in folds:
             read_checkpoint(os.path.join(model_folder, f"fold_{f}", args.chk))
         predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)

@@ -1,19 +1,20 @@
-"""DiffusionPredictor(nnUNetPredictor): seeded sampling, sample ensembles with uncertainty maps,
-mirroring folded into the chain, and tile-consistent noise.
+"""DiffusionPredictor(nnUNetPredictor): seeded sampling, sample and fold ensembles with uncertainty maps,
+test-time mirroring folded into the chain, per-step outputs, and tile-consistent noise.
 
 nnU-Net methods overridden (each a narrow hook; nnU-Net's sliding window, Gaussian blending,
 export and multiprocessing stay untouched):
 
 * ``initialize_from_trained_model_folder`` / ``manual_initialization``: check that the model is a
-  diffusion model and apply the sampling settings to it.
+  diffusion model and resolve the sampling settings against the trained ones.
 * ``_internal_get_sliding_window_slicers``: remember the tiles of the current case (in the order
   nnU-Net's single producer thread feeds them), so each tile knows where it lies in the case.
 * ``_internal_predict_sliding_window_return_logits``: reset the tile counter (nnU-Net re-runs it
-  on the CPU after a GPU out-of-memory) and the uncertainty accumulators.
+  on the CPU after a GPU out-of-memory) and count the folds of the case.
 * ``_internal_maybe_mirror_and_predict``: one tile = N chains with the selected TTA mode.
-* ``predict_sliding_window_return_logits``: crop the uncertainty maps like the logits.
+* ``predict_sliding_window_return_logits`` / ``predict_logits_from_preprocessed_data``: the extra maps
+  (uncertainty, per-step probabilities) accumulate over every fold of a case and are cropped like the logits.
 * ``predict_from_data_iterator``: know which case (properties, output file) is being predicted,
-  to write its uncertainty maps in the original image geometry.
+  to write its extra maps in the original image geometry.
 """
 from __future__ import annotations
 
@@ -29,12 +30,11 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from torch._dynamo import OptimizedModule
 
+from nnunet_diffusion.config import SamplingSettings
 from nnunet_diffusion.network import DiffusionUNet
 from nnunet_diffusion.noise import chain_noise, linear_index
-from nnunet_diffusion.sampling import p_sample_loop
-from nnunet_diffusion.schedule import kept_levels
 
-TTA_MODES = ("chain", "full", "off")
+TTA_MODES = ("final", "chain", "full", "off")
 
 
 def mirror_combinations(axes: Optional[Sequence[int]]) -> List[Tuple[int, ...]]:
@@ -48,43 +48,64 @@ def entropy(p: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim)
 
 
+def mirror_plan(tta: str, combos: List[Tuple[int, ...]], offset: int = 0):
+    """``plan(j, k) -> mirrorings`` of step j (j = 0 at k = K) for a TTA mode; a step with several mirrorings
+    averages their (un-mirrored) logits. ``offset`` shifts the cycle (sample i of an ensemble starts at i)."""
+    M = len(combos)
+    if tta == "off":
+        return lambda j, k: [()]
+    if tta == "chain":
+        return lambda j, k: [combos[(j + offset) % M]]
+    if tta == "final":
+        return lambda j, k: combos if k == 1 else [combos[(j + offset) % M]]
+    raise ValueError(f"no single-chain mirror plan for tta {tta!r}")
+
+
 class DiffusionPredictor(nnUNetPredictor):
     """nnU-Net's predictor for diffusion models.
 
     steps: K' levels of the sampling chain (None: the trained K). Any K' in [1, 1001] is valid
         because the network is conditioned on base levels.
     sampler: "ddpm" or "ddim" (None: the trained sampler).
-    seed: the noise of sample i is the voxel-attached noise field of seed + i.
-    num_samples: independent chains per tile; the prediction is their mean probability.
-    uncertainty: also compute predictive entropy and mutual information per voxel.
-    tta: "chain" (each step of one chain uses another mirroring), "full" (nnU-Net's: one chain per
-        mirroring, K x mirrorings calls per tile) or "off". Ignored when mirroring is disabled.
+    average_last: m, the output is the mean probability of the last m steps' x0_hat (None: the trained m).
+    seed: the noise of sample i of fold f is the voxel-attached noise field of seed + i + 7919 f.
+    num_samples: independent chains per tile and fold; the prediction is their mean probability.
+    uncertainty: also compute predictive entropy and mutual information per voxel, over all samples of all folds.
+    save_steps: also write the segmentation of every step's x0_hat (``CASE_step{k}``, k = K' ... 1).
+    tta: how nnU-Net's mirrorings are used (ignored when mirroring is disabled), calls per tile with K steps and
+        M mirrorings: "full" K*M (one chain per mirroring, logits averaged, as nnU-Net mirrors any network),
+        "final" K-1+M (one chain, each step another mirroring, the last step under all M), "chain" K (each
+        step another mirroring), "off" K.
     tile_consistent_noise: False gives every tile its own independent noise (as stock sliding-window
         prediction would), for measuring what the voxel-attached noise buys.
     """
 
-    def __init__(self, *args, steps: Optional[int] = None, sampler: Optional[str] = None, seed: int = 0,
-                 num_samples: int = 1, uncertainty: bool = False, tta: str = "full",
+    def __init__(self, *args, steps: Optional[int] = None, sampler: Optional[str] = None,
+                 average_last: Optional[int] = None, seed: int = 0, num_samples: int = 1,
+                 uncertainty: bool = False, save_steps: bool = False, tta: str = "full",
                  tile_consistent_noise: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        if steps is not None:
-            kept_levels(steps)  # raises ValueError naming the bad value
-        if sampler is not None and sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        # validated now (the trained values fill the gaps at initialisation)
+        SamplingSettings(num_steps=steps or 1001, sampler=sampler or "ddpm", average_last=average_last or 1)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
         if tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.steps, self.sampler, self.seed = steps, sampler, seed
-        self.num_samples, self.uncertainty, self.tta = num_samples, uncertainty, tta
+        self._requested = dict(num_steps=steps, sampler=sampler, average_last=average_last)
+        self.sampling: Optional[SamplingSettings] = None
+        self.seed, self.num_samples, self.uncertainty, self.tta = seed, num_samples, uncertainty, tta
+        self.save_steps = save_steps
         self.tile_consistent_noise = tile_consistent_noise
         self._slicers: list = []
         self._volume_shape: Tuple[int, ...] = ()
         self._tile_index = 0
-        self._unc_acc = self._unc_weight = None
+        self._fold_index = -1
+        self._acc: Optional[dict] = None  # per-case accumulators of the extra maps, over tiles and folds
+        self._in_case = False
         self.uncertainty_maps: Optional[torch.Tensor] = None  # (2, *spatial) of the last case: entropy, MI
+        self.step_probabilities: Optional[torch.Tensor] = None  # (K', C, *spatial) of the last case
         self._current_case: Optional[dict] = None
 
     # ------------------------------------------------------------------ set-up
@@ -99,9 +120,7 @@ class DiffusionPredictor(nnUNetPredictor):
         if not isinstance(net, DiffusionUNet):
             raise ValueError(f"{self.trainer_name} is not a diffusion trainer (network {type(net).__name__}); "
                              f"use nnUNetv2_predict for it")
-        net.sampling_steps = self.steps or net.config.num_steps
-        net.sampler = self.sampler or net.config.sampler
-        net.seed = self.seed
+        self.sampling = SamplingSettings.from_config(net.config, seed=self.seed, **self._requested)
 
     def initialize_from_trained_model_folder(self, model_training_output_dir, use_folds,
                                              checkpoint_name='checkpoint_final.pth'):
@@ -112,6 +131,10 @@ class DiffusionPredictor(nnUNetPredictor):
         super().manual_initialization(*args, **kwargs)
         self._configure_network()
 
+    @property
+    def _num_steps(self) -> int:
+        return self.sampling.num_steps
+
     # ------------------------------------------------------------------ sliding-window hooks
     def _internal_get_sliding_window_slicers(self, image_size):
         slicers = super()._internal_get_sliding_window_slicers(image_size)
@@ -120,22 +143,84 @@ class DiffusionPredictor(nnUNetPredictor):
 
     def _internal_predict_sliding_window_return_logits(self, data, slicers, do_on_device: bool = True):
         self._tile_index = 0
-        if self.uncertainty:
-            device = self.device if do_on_device else torch.device("cpu")
-            self._unc_acc = torch.zeros((2, *data.shape[1:]), dtype=torch.float32, device=device)
-            self._unc_weight = torch.zeros(data.shape[1:], dtype=torch.float32, device=device)
+        self._fold_index += 1
         return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
+
+    def _start_case(self) -> None:
+        self._acc, self._fold_index = {}, -1
 
     @torch.inference_mode()
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
+        own_case = not self._in_case  # called directly (not per fold from predict_logits_from_preprocessed_data)
+        if own_case:
+            self._start_case()
         logits = super().predict_sliding_window_return_logits(input_image)
-        if self.uncertainty:
-            _, revert = pad_nd_image(input_image[:1], self.configuration_manager.patch_size, 'constant',
-                                     {'value': 0}, True, None)
-            maps = self._unc_acc / self._unc_weight.clamp_min(1e-8)
-            self.uncertainty_maps = maps[(slice(None), *revert[1:])].cpu()
-            self._unc_acc = self._unc_weight = None
+        _, revert = pad_nd_image(input_image[:1], self.configuration_manager.patch_size, 'constant',
+                                 {'value': 0}, True, None)
+        self._revert = revert[1:]
+        if own_case:
+            self._finish_case()
         return logits
+
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        """Overrides nnU-Net's per-case call (which loops over the folds) so the extra maps cover all folds."""
+        self._start_case()
+        self._in_case = True
+        try:
+            logits = super().predict_logits_from_preprocessed_data(data)
+        finally:
+            self._in_case = False
+        self._finish_case()
+        case = self._current_case
+        if case is not None and case.get('ofile') is not None:
+            self._export_extra_maps(case)
+        return logits
+
+    def _finish_case(self) -> None:
+        """Turn the accumulated (Gaussian-weighted, fold-summed) maps into the case's maps, cropped like the logits."""
+        acc, self._acc = self._acc, None
+        self.uncertainty_maps = self.step_probabilities = None
+        if not acc:
+            return
+        weight = acc.pop("weight").clamp_min(1e-8)
+        crop = (slice(None), *self._revert)
+        folds = sorted(int(name[6:]) for name in acc if name.startswith("probs_"))
+        if folds:
+            # per fold f: P_f, its Gaussian-blended mean probability. entropy = H(mean_f P_f); mutual information
+            # = within-fold sample disagreement (per tile, blended, mean over folds) + between-fold disagreement
+            # H(mean_f P_f) - mean_f H(P_f). Blending overlapping tiles adds nothing: with one fold and one sample
+            # both terms are 0.
+            per_fold = weight / len(folds)
+            probs = [acc[f"probs_{f}"] / per_fold for f in folds]
+            total = entropy(sum(probs) / len(probs), 0)
+            between = total - sum(entropy(p, 0) for p in probs) / len(probs)
+            mutual_info = torch.minimum((acc["mi_within"][0] / weight + between).clamp_min(0), total)
+            self.uncertainty_maps = torch.stack([total, mutual_info])[crop].cpu()
+        if "steps" in acc:
+            steps = acc["steps"] / weight
+            self.step_probabilities = steps.view(self._num_steps, -1, *steps.shape[1:])[(slice(None), *crop)].cpu()
+
+    def _accumulate(self, maps: dict) -> None:
+        """Add this tile's maps (each ``(n, *tile)``) into the case accumulators, Gaussian-weighted as nnU-Net
+        weights the logits (same weights for every fold, so dividing by the summed weight averages the folds)."""
+        index = self._tile_index - 1
+        if self._acc is None or index >= len(self._slicers):
+            return
+        sl = self._slicers[index][1:]
+        any_map = next(iter(maps.values()))
+        device = any_map.device
+        if self.use_gaussian:
+            g = compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
+                                 value_scaling_factor=10, device=device).float()
+        else:
+            g = torch.ones(any_map.shape[1:], device=device)
+        for name, m in maps.items():
+            if name not in self._acc:
+                self._acc[name] = torch.zeros((m.shape[0], *self._volume_shape), dtype=torch.float32, device=device)
+            self._acc[name][(slice(None), *sl)] += m.float() * g
+        if "weight" not in self._acc:
+            self._acc["weight"] = torch.zeros(self._volume_shape, dtype=torch.float32, device=device)
+        self._acc["weight"][sl] += g
 
     def _tile_noise_index(self, x: torch.Tensor) -> torch.Tensor:
         """Linear indices of this tile's voxels in the padded case (nnU-Net feeds tiles in slicer order)."""
@@ -149,19 +234,10 @@ class DiffusionPredictor(nnUNetPredictor):
         assert tuple(index.shape) == tuple(x.shape[2:]), (index.shape, x.shape)
         return index
 
-    def _run_chain(self, x: torch.Tensor, noise: Sequence[torch.Tensor], combos: List[Tuple[int, ...]]):
-        """One chain on tile x ``(1, C_img, *tile)``; step j mirrors with combos[j % len(combos)]."""
+    def _run_chain(self, x: torch.Tensor, noise: Sequence[torch.Tensor], plan, on_step=None):
+        """One chain on tile x ``(1, C_img, *tile)`` through the network's (only) sampling loop."""
         net = self.diffusion_network
-        step = itertools.count()
-
-        def denoise(image, xt, t):
-            axes = combos[next(step) % len(combos)]
-            if not axes:
-                return net.denoise(image, xt, t)
-            return torch.flip(net.denoise(torch.flip(image, axes), torch.flip(xt, axes), t), axes)
-
-        return p_sample_loop(denoise, x, net.schedule, net.num_classes, sampler=net.sampler,
-                             prediction=net.config.prediction, noise=[n[None] for n in noise])
+        return net.sample(x, self.sampling, noise=[n[None] for n in noise], mirrors=plan, on_step=on_step)
 
     @torch.inference_mode()
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,39 +248,43 @@ class DiffusionPredictor(nnUNetPredictor):
         axes = [m + 2 for m in self.allowed_mirroring_axes] if (self.use_mirroring and
                                                                 self.allowed_mirroring_axes) else []
         combos = mirror_combinations(axes)
-        num_draws = net.schedule.num_steps
-        probs_sum = entropy_sum = logits = None
+        K = self._num_steps
         tile = self._tile_index if not self.tile_consistent_noise else 0
+        fold = max(self._fold_index, 0)
+        want_maps = self.uncertainty or self.save_steps
+        probs_sum = entropy_sum = logits = None
+        step_probs = torch.zeros((K, net.num_classes, *x.shape[2:]), device=x.device) if self.save_steps else None
+
+        def record(weight):
+            def on_step(k, t, x0_hat, out):
+                step_probs[K - k] += weight * torch.softmax(out.float() if torch.is_tensor(out) else out[0].float(),
+                                                            1)[0]
+            return on_step if step_probs is not None else None
+
         for s in range(self.num_samples):
-            noise = chain_noise(self.seed + s + 1_000_003 * tile, num_draws, net.num_classes, index)
-            if self.tta == "full":
-                logits = sum(self._run_chain(x, noise, [c]).float() for c in combos) / len(combos)
+            noise = chain_noise(self.seed + s + 7919 * fold + 1_000_003 * tile, K, net.num_classes, index)
+            if self.tta == "full" and len(combos) > 1:
+                w = 1.0 / (len(combos) * self.num_samples)
+                logits = sum(self._run_chain(x, noise, mirror_plan("chain", [c]), record(w)).float()
+                             for c in combos) / len(combos)
             else:
-                logits = self._run_chain(x, noise, combos if self.tta == "chain" else [()]).float()
-            if self.num_samples == 1 and not self.uncertainty:
+                plan = mirror_plan(self.tta if self.tta != "full" else "off", combos, offset=s)
+                logits = self._run_chain(x, noise, plan, record(1.0 / self.num_samples)).float()
+            if self.num_samples == 1 and not want_maps:
                 return logits
             probs = torch.softmax(logits, 1)
             probs_sum = probs if probs_sum is None else probs_sum + probs
             ent = entropy(probs, 1)
             entropy_sum = ent if entropy_sum is None else entropy_sum + ent
         mean = probs_sum / self.num_samples
+        maps = {}
         if self.uncertainty:
-            total = entropy(mean, 1)[0]
-            mutual_info = (total - entropy_sum[0] / self.num_samples).clamp_min(0)
-            self._accumulate_uncertainty(torch.stack([total, mutual_info]))
+            maps[f"probs_{fold}"] = mean[0]
+            maps["mi_within"] = (entropy(mean, 1) - entropy_sum / self.num_samples).clamp_min(0)
+        if step_probs is not None:
+            maps["steps"] = step_probs.flatten(0, 1)
+        self._accumulate(maps)
         return logits if self.num_samples == 1 else torch.log(mean.clamp_min(1e-6))
-
-    def _accumulate_uncertainty(self, maps: torch.Tensor) -> None:
-        sl = self._slicers[self._tile_index - 1][1:] if self._tile_index - 1 < len(self._slicers) else None
-        if sl is None or self._unc_acc is None:
-            return
-        if self.use_gaussian:
-            g = compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
-                                 value_scaling_factor=10, device=self._unc_acc.device).float()
-        else:
-            g = torch.ones(maps.shape[1:], device=self._unc_acc.device)
-        self._unc_acc[(slice(None), *sl)] += maps.to(self._unc_acc.device) * g
-        self._unc_weight[sl] += g
 
     # ------------------------------------------------------------------ per-case bookkeeping
     def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
@@ -216,7 +296,7 @@ class DiffusionPredictor(nnUNetPredictor):
                 ofile = item.get('ofile') if isinstance(item, dict) else None
                 if ofile is not None:
                     print(f"[case {i + 1}] {os.path.basename(ofile)}: {self.num_samples} sample(s) x "
-                          f"{self.diffusion_network.schedule.num_steps} steps, tta {self.tta}", flush=True)
+                          f"{self._num_steps} steps, tta {self.tta}", flush=True)
                 yield item
         try:
             return super().predict_from_data_iterator(tracking(data_iterator), save_probabilities,
@@ -226,15 +306,17 @@ class DiffusionPredictor(nnUNetPredictor):
             if hasattr(data_iterator, "_finish"):  # what nnU-Net does for a MultiThreadedAugmenter
                 data_iterator._finish()
 
-    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
-        logits = super().predict_logits_from_preprocessed_data(data)
-        case = self._current_case
-        if self.uncertainty and case is not None and case.get('ofile') is not None:
+    def _export_extra_maps(self, case: dict) -> None:
+        if self.uncertainty and self.uncertainty_maps is not None:
             export_uncertainty_maps(self.uncertainty_maps.numpy(), case['data_properties'], self.plans_manager,
-                                    self.configuration_manager, case['ofile'],
-                                    self.dataset_json['file_ending'])
-        return logits
-
+                                    self.configuration_manager, case['ofile'], self.dataset_json['file_ending'])
+        if self.save_steps and self.step_probabilities is not None:
+            from nnunetv2.inference.export_prediction import export_prediction_from_logits
+            for j, probs in enumerate(self.step_probabilities):
+                k = self._num_steps - j
+                export_prediction_from_logits(torch.log(probs.clamp_min(1e-8)), case['data_properties'],
+                                              self.configuration_manager, self.plans_manager, self.dataset_json,
+                                              f"{case['ofile']}_step{k}", False)
 
 def export_uncertainty_maps(maps: np.ndarray, properties: dict, plans_manager, configuration_manager,
                             output_file_truncated: str, file_ending: str) -> List[str]:

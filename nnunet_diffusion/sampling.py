@@ -89,26 +89,84 @@ def _randn(shape, like: torch.Tensor, generator: Optional[torch.Generator]) -> t
     return torch.randn(shape, generator=generator, device=like.device, dtype=torch.float32)
 
 
+def _flip(output: NetworkOutput, axes: Tuple[int, ...]) -> NetworkOutput:
+    if not axes:
+        return output
+    if isinstance(output, (list, tuple)):
+        return [torch.flip(o, axes) for o in output]
+    return torch.flip(output, axes)
+
+
+def mirrored(denoise_fn: DenoiseFn, axes: Tuple[int, ...]) -> DenoiseFn:
+    """``denoise_fn`` seen through a mirroring: inputs flipped along ``axes`` (tensor axes, >= 2), every
+    output tensor flipped back, so the result is in the un-mirrored frame."""
+    if not axes:
+        return denoise_fn
+
+    def call(image: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> NetworkOutput:
+        return _flip(denoise_fn(torch.flip(image, axes), torch.flip(xt, axes), t), axes)
+    return call
+
+
+def mean_probability_logits(outputs: Sequence[NetworkOutput]) -> NetworkOutput:
+    """log of the mean softmax probability of several outputs (per deep-supervision scale), so that a softmax
+    of the result gives that mean. One output is returned unchanged."""
+    if len(outputs) == 1:
+        return outputs[0]
+    if isinstance(outputs[0], (list, tuple)):
+        return [mean_probability_logits([o[s] for o in outputs]) for s in range(len(outputs[0]))]
+    mean = sum(torch.softmax(o.float(), dim=1) for o in outputs) / len(outputs)
+    return torch.log(mean.clamp_min(1e-12))
+
+
+StepHook = Callable[[int, int, torch.Tensor, NetworkOutput], None]
+MirrorPlan = Callable[[int, int], Sequence[Tuple[int, ...]]]
+
+
+def _mean_outputs(outputs: Sequence[NetworkOutput]) -> NetworkOutput:
+    """Element-wise mean of network outputs (per deep-supervision scale)."""
+    if isinstance(outputs[0], (list, tuple)):
+        return [sum(o[s].float() for o in outputs) / len(outputs) for s in range(len(outputs[0]))]
+    return sum(o.float() for o in outputs) / len(outputs)
+
+
 @torch.no_grad()
 def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule, num_classes: int, *,
                   sampler: str = "ddpm", prediction: str = "x0",
                   generator: Optional[torch.Generator] = None,
-                  noise: Optional[List[torch.Tensor]] = None) -> NetworkOutput:
-    """Run the K-step chain and return the logits of the last step (the x0_hat at k = 1).
+                  noise: Optional[Sequence[torch.Tensor]] = None,
+                  mirrors: Optional[Union[MirrorPlan, Sequence[Tuple[int, ...]]]] = None,
+                  average_last: int = 1,
+                  on_step: Optional[StepHook] = None) -> NetworkOutput:
+    """Run the K-step chain and return the segmentation logits (the only loop over sampling steps).
 
     Recipe (METHOD.md section 4):
       1. x_K ~ N(0, I), shape ``(B, num_classes, *spatial)``.
       2. for k = K ... 1: logits = net(image, x_k, t_k); x0_hat = 2 softmax(logits) - 1;
          if k > 1: x_{k-1} = c0_k x0_hat + ct_k x_k + sqrt(beta_tilde_k) z   (DDPM)
                    x_{k-1} = sqrt(abar_{k-1}) x0_hat + sqrt(1 - abar_{k-1}) eps_hat   (DDIM, eta = 0)
-      3. return the logits of step k = 1 (not the last noisy sample).
+      3. return the logits of step k = 1 (``average_last`` = 1, the paper), or, for ``average_last`` = m,
+         the log of the mean softmax probability of the x0_hat estimates of the last m steps (k = m ... 1).
 
-    ``noise`` optionally gives the K tensors to use (x_K first, then z for k = K ... 2),
-    so a caller can share noise across tiles; otherwise noise is drawn from ``generator``.
+    noise: the K tensors to use (x_K first, then z for k = K ... 2), so a caller can attach noise to voxels
+        of a whole case; otherwise noise is drawn from ``generator``.
+    mirrors: the test-time mirroring of each step: a plan ``mirrors(j, k) -> [axes, ...]`` (j = 0 at k = K;
+        tensor axes >= 2), or a sequence of axes tuples used in turn (step j: ``mirrors[j % len]``). A step
+        calls the network once per mirroring in its list, un-mirrors every output and averages the logits
+        (as nnU-Net averages mirrored predictions). None: no mirroring.
+    on_step: called as ``on_step(k, t_k, x0_hat, logits)`` after every network call (diagnostics).
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
     K = schedule.num_steps
+    if isinstance(average_last, bool) or not isinstance(average_last, int) or not 1 <= average_last:
+        raise ValueError(f"average_last must be an integer >= 1, got {average_last!r}")
+    average_last = min(average_last, K)
+    if mirrors is None or callable(mirrors):
+        plan: MirrorPlan = mirrors or (lambda j, k: [()])
+    else:
+        cycle = list(mirrors) or [()]
+        plan = lambda j, k: [cycle[j % len(cycle)]]  # noqa: E731
     shape = (image.shape[0], num_classes, *image.shape[2:])
     draws = iter(noise) if noise is not None else None
 
@@ -116,12 +174,21 @@ def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule
         return next(draws).to(image.device, torch.float32) if draws is not None else _randn(shape, image, generator)
 
     xt = draw()
-    output: NetworkOutput = None  # type: ignore[assignment]
-    for k in range(K, 0, -1):
+    kept: List[NetworkOutput] = []
+    for j, k in enumerate(range(K, 0, -1)):
         i = k - 1
-        t = torch.full((image.shape[0],), int(schedule.timesteps[i]), dtype=torch.long, device=image.device)
-        net_out = denoise_fn(image, xt, t)
+        t_k = int(schedule.timesteps[i])
+        t = torch.full((image.shape[0],), t_k, dtype=torch.long, device=image.device)
+        step_mirrors = plan(j, k)
+        if len(step_mirrors) == 1:
+            net_out = mirrored(denoise_fn, step_mirrors[0])(image, xt, t)
+        else:
+            net_out = _mean_outputs([mirrored(denoise_fn, axes)(image, xt, t) for axes in step_mirrors])
         x0_hat, output = interpret_output(net_out, xt, float(schedule.alpha_bar[i]), prediction)
+        if on_step is not None:
+            on_step(k, t_k, x0_hat, output)
+        if k <= average_last:
+            kept.append(output)
         if k == 1:
             break
         if sampler == "ddpm":
@@ -131,4 +198,4 @@ def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule
             abar, abar_prev = float(schedule.alpha_bar[i]), float(schedule.alpha_bar_prev[i])
             eps_hat = (xt - abar ** 0.5 * x0_hat) / (1.0 - abar) ** 0.5
             xt = abar_prev ** 0.5 * x0_hat + (1.0 - abar_prev) ** 0.5 * eps_hat
-    return output
+    return mean_probability_logits(kept)

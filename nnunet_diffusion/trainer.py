@@ -75,16 +75,35 @@ class DiffusionTrainer(nnUNetTrainer):
         return mod
 
     def make_noisy_batch(self, data: torch.Tensor, target) -> NoisyBatch:
-        """x0 from the full-resolution label, then the noisy mask (with recycling if configured)."""
+        """x0 from the full-resolution label, then the noisy mask (with recycling if configured). An unsupervised
+        recycle pass computes full resolution only; a supervised one keeps nnU-Net's deep supervision."""
+        cfg = self.diffusion
         x0 = encode_mask(full_resolution(target), self.label_manager.num_segmentation_heads)
-        recycle_fn = full_resolution_pass(self.network, self.diffusion_network.decoder)
+        recycle_fn = self.network if cfg.supervise_recycle else \
+            full_resolution_pass(self.network, self.diffusion_network.decoder)
         return make_noisy_mask(recycle_fn, data, x0, self.diffusion_network.training_schedule,
-                               recycle=self.diffusion.recycle, prediction=self.diffusion.prediction)
+                               recycle=cfg.recycle, prediction=cfg.prediction, recycle_source=cfg.recycle_source,
+                               supervise_recycle=cfg.supervise_recycle)
+
+    def loss_of(self, output, target, noisy: NoisyBatch) -> torch.Tensor:
+        """nnU-Net's (deep-supervised) Dice + CE of one pass's output."""
+        return self.loss(output, target)
 
     def compute_loss(self, data: torch.Tensor, target, noisy: NoisyBatch) -> torch.Tensor:
-        """The supervised pass and nnU-Net's (deep-supervised) Dice + CE loss."""
-        output = self.network(data, noisy.xt, noisy.t)
-        return self.loss(output, target)
+        """The supervised pass's loss; with ``supervise_recycle`` the mean of it and the recycle pass's."""
+        loss = self.loss_of(self.network(data, noisy.xt, noisy.t), target, noisy)
+        if noisy.recycled is not None:
+            loss = 0.5 * (loss + self.loss_of(noisy.recycled.output, target, noisy.recycled.batch))
+        return loss
+
+    def _build_loss(self):
+        """Overrides nnUNetTrainer._build_loss only when ``use_dice`` is off: nnU-Net's DC_and_CE_loss with the
+        Dice weight set to 0 (cross-entropy only)."""
+        loss = super()._build_loss()
+        if not self.diffusion.use_dice:
+            inner = loss.loss if hasattr(loss, "weight_factors") else loss
+            inner.weight_dice = 0
+        return loss
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:
@@ -193,7 +212,8 @@ def check_diffusion_settings(checkpoint: dict, expected: DiffusionConfig, source
         raise ValueError(f"{source} holds no diffusion settings: it was not written by a DiffusionTrainer "
                          f"(trainer {checkpoint.get('trainer_name')!r}).")
     want = expected.to_dict()
-    diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
+    saved = DiffusionConfig.from_dict(saved).to_dict()  # fields added later get the value they had before
+    diff = {k: (saved[k], v) for k, v in want.items() if saved[k] != v}
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs trainer {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{source} was trained with other diffusion settings ({detail}); refusing to load it. "

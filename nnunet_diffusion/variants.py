@@ -10,12 +10,42 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from nnunet_diffusion.config import DiffusionConfig
 from nnunet_diffusion.sampling import full_resolution, logits_from_eps
 from nnunet_diffusion.trainer import DiffusionTrainer
 from nnunet_diffusion.training import NoisyBatch
 
 __all__ = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTrainer_predictNoise",
-           "DiffusionTrainer_1000steps"]
+           "DiffusionTrainer_1000steps", "DiffusionTrainer_paper", "DiffusionTrainer_supervisedRecycle",
+           "DiffusionTrainer_supervisedRecycleFromNoise", "DiffusionTrainer_chainMean"]
+
+PAPER = DiffusionConfig()
+
+
+class DiffusionTrainer_paper(DiffusionTrainer):
+    """The paper's exact configuration (K = 5, recycling from the next level, x0 prediction, Dice + CE, output =
+    the last step's logits), whatever ``DiffusionTrainer``'s default becomes."""
+    diffusion = PAPER
+
+
+# Candidates of the accuracy study, each defined against the paper's configuration (their names must keep
+# their meaning when the default changes).
+class DiffusionTrainer_supervisedRecycle(DiffusionTrainer):
+    """The recycle pass (one level noisier, from the ground truth) is supervised too: two supervised passes
+    per step; x_t is still built from its detached prediction."""
+    diffusion = replace(PAPER, supervise_recycle=True)
+
+
+class DiffusionTrainer_supervisedRecycleFromNoise(DiffusionTrainer):
+    """The recycle pass is the sampling chain's first step (level K, pure noise) and is supervised: every
+    training step trains the prediction the chain starts from, and x_t at level k is built from exactly that
+    prediction, as in the chain's next step (less exposure bias than recycling from the ground truth)."""
+    diffusion = replace(PAPER, supervise_recycle=True, recycle_source="noise")
+
+
+class DiffusionTrainer_chainMean(DiffusionTrainer):
+    """The paper's training; the output is the mean probability of all K steps' x0_hat."""
+    diffusion = replace(PAPER, average_last=PAPER.num_steps)
 
 
 class DiffusionTrainer_noRecycle(DiffusionTrainer):
@@ -26,13 +56,6 @@ class DiffusionTrainer_noRecycle(DiffusionTrainer):
 class DiffusionTrainer_noDice(DiffusionTrainer):
     """Cross-entropy only (Table 2b)."""
     diffusion = replace(DiffusionTrainer.diffusion, use_dice=False)
-
-    def _build_loss(self):
-        """Overrides nnUNetTrainer._build_loss: nnU-Net's DC_and_CE_loss with the Dice weight set to 0."""
-        loss = super()._build_loss()
-        inner = loss.loss if hasattr(loss, "weight_factors") else loss
-        inner.weight_dice = 0
-        return loss
 
 
 class DiffusionTrainer_1000steps(DiffusionTrainer):
@@ -50,8 +73,7 @@ class DiffusionTrainer_predictNoise(DiffusionTrainer):
     """
     diffusion = replace(DiffusionTrainer.diffusion, prediction="eps")
 
-    def compute_loss(self, data: torch.Tensor, target, noisy: NoisyBatch) -> torch.Tensor:
-        output = self.network(data, noisy.xt, noisy.t)
+    def loss_of(self, output, target, noisy: NoisyBatch) -> torch.Tensor:
         alpha_bar = self.diffusion_network.training_schedule.extract("alpha_bar", noisy.k, noisy.xt.ndim)
         seg_loss = self.loss(logits_from_eps(output, noisy.xt, alpha_bar), target)
         mse = F.mse_loss(full_resolution(output).float(), noisy.eps.float())

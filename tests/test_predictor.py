@@ -39,7 +39,7 @@ class CallCounter:
         return self.denoise(*a)
 
 
-@pytest.mark.parametrize("tta,expected_per_tile", [("chain", 5), ("full", 5 * 8), ("off", 5)])
+@pytest.mark.parametrize("tta,expected_per_tile", [("chain", 5), ("final", 5 - 1 + 8), ("full", 5 * 8), ("off", 5)])
 def test_network_calls_per_tile(trained, tta, expected_per_tile):
     p = _predictor(trained, tta=tta)
     counter = CallCounter(p.diffusion_network)
@@ -50,24 +50,65 @@ def test_network_calls_per_tile(trained, tta, expected_per_tile):
     assert counter.calls == expected_per_tile * n_tiles
 
 
-def test_chain_mode_uses_every_mirroring_and_unmirrors(trained):
-    p = _predictor(trained, tta="chain", steps=8)
-    seen = []
+def _position_net(num_classes=3):
+    """A network that is not mirror-symmetric: its logits are a ramp along every spatial axis plus a term of the
+    step's x_t, so an output that is not flipped back (or flipped twice) differs from the un-mirrored one."""
+    def fn(image, xt, t):
+        grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in image.shape[2:]], indexing="ij")
+        ramp = sum((d + 1) * g for d, g in enumerate(grids))
+        logits = torch.stack([ramp * (c - 1) * 0.05 for c in range(num_classes)])[None]
+        return logits + 0.1 * image[:, :1] + 0.01 * xt
+    return fn
+
+
+def _reference_chain(fn, x, noise, schedule, plan):
+    """An independent loop: step j applies ``plan(j, k)`` mirrorings by hand, DDPM update, last step's logits."""
+    xt = noise[0][None]
+    K = schedule.num_steps
+    for j, k in enumerate(range(K, 0, -1)):
+        outs = []
+        for axes in plan(j, k):
+            o = fn(torch.flip(x, axes) if axes else x, torch.flip(xt, axes) if axes else xt,
+                   torch.full((1,), int(schedule.timesteps[k - 1])))
+            outs.append(torch.flip(o, axes) if axes else o)
+        logits = sum(outs) / len(outs)
+        if k == 1:
+            return logits
+        x0_hat = 2 * torch.softmax(logits, 1) - 1
+        i = k - 1
+        xt = schedule.posterior_coef_x0[i] * x0_hat + schedule.posterior_coef_xt[i] * xt + \
+            schedule.posterior_variance[i] ** 0.5 * noise[K - k + 1][None]
+        xt = xt.float()
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("tta", ["off", "chain", "final", "full"])
+def test_tta_modes_unmirror_outputs(trained, tta, dim):
+    """Each mode's output equals an independent reference loop that flips inputs and outputs by hand, on a
+    network whose output depends on position (a missing flip-back changes it), K = 5, 2D and 3D."""
+    from nnunet_diffusion.noise import chain_noise
+    from nnunet_diffusion.predictor import mirror_combinations, mirror_plan
+    p = _predictor(trained, tta=tta)
     net = p.diffusion_network
-    orig = net.denoise
-
-    def recording(image, xt, t):
-        seen.append(image.clone())
-        return orig(image, xt, t)
-
-    net.denoise = recording
-    x = torch.randn(1, 1, 20, 24, 20)
+    fn = _position_net()
+    net.denoise = fn
+    spatial = (20, 24, 20) if dim == 3 else (24, 20)
+    x = torch.randn(1, 1, *spatial)
+    axes = [2, 3, 4] if dim == 3 else [2, 3]
+    p.allowed_mirroring_axes = tuple(a - 2 for a in axes)
     p._slicers = []
-    p._internal_maybe_mirror_and_predict(x)
-    combos = [()] + [c for i in range(3) for c in itertools.combinations([2, 3, 4], i + 1)]
-    assert len(seen) == 8
-    for img, axes in zip(seen, combos):
-        assert torch.equal(img, torch.flip(x, axes) if axes else x)
+    out = p._internal_maybe_mirror_and_predict(x)
+    combos = mirror_combinations(axes)
+    noise = chain_noise(0, 5, 3, linear_index(tuple(slice(0, s) for s in spatial), spatial, torch.device("cpu")))
+    schedule = net.schedule(5)
+    if tta == "full":
+        expected = sum(_reference_chain(fn, x, noise, schedule, lambda j, k, c=c: [c]) for c in combos) / len(combos)
+    else:
+        expected = _reference_chain(fn, x, noise, schedule, mirror_plan(tta, combos))
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    if tta != "off":  # and mirroring matters for this network: the un-mirrored chain differs
+        plain = _reference_chain(fn, x, noise, schedule, mirror_plan("off", combos))
+        assert not torch.allclose(out, plain, atol=1e-3)
 
 
 def test_overlapping_tiles_receive_identical_noise(trained, monkeypatch):
@@ -75,9 +116,9 @@ def test_overlapping_tiles_receive_identical_noise(trained, monkeypatch):
     records = []
     orig = p._run_chain
 
-    def recording(x, noise, combos):
+    def recording(x, noise, plan, on_step=None):
         records.append((p._slicers[p._tile_index - 1][1:], [n.clone() for n in noise]))
-        return orig(x, noise, combos)
+        return orig(x, noise, plan, on_step)
 
     monkeypatch.setattr(p, "_run_chain", recording)
     p.predict_sliding_window_return_logits(torch.randn(1, 30, 30, 24))
@@ -243,3 +284,33 @@ def test_existing_predictions_kept_with_continue_prediction(env, trained_3d, inp
     assert target.read_bytes() == marker  # nnU-Net's --continue_prediction: existing files are not redone
     _predict_cmd(env, inputs, out, check=True)  # default (like nnUNetv2_predict): overwrite
     assert target.read_bytes() != marker
+
+
+def test_uncertainty_maps_include_every_fold(trained, tmp_path):
+    """Two folds with different weights, one sample each: each fold alone gives MI = 0 (one sample); the maps over
+    both folds give MI > 0 (the folds disagree) and the entropy of the folds' mean probability."""
+    model = tmp_path / "model"
+    shutil.copytree(os.path.dirname(trained), model,
+                    ignore=shutil.ignore_patterns("validation", "*.png"))
+    src = model
+    ck = torch.load(src / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    torch.manual_seed(0)
+    ck["network_weights"] = {k: v + 0.3 * torch.randn_like(v) if v.is_floating_point() else v
+                             for k, v in ck["network_weights"].items()}
+    (src / "fold_1").mkdir()
+    torch.save(ck, src / "fold_1" / "checkpoint_final.pth")
+    image = torch.randn(1, 30, 30, 24)
+
+    def maps(folds):
+        p = DiffusionPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                               perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                               allow_tqdm=False, num_samples=1, uncertainty=True, tta="off")
+        p.initialize_from_trained_model_folder(str(src), folds, "checkpoint_final.pth")
+        p.predict_logits_from_preprocessed_data(image)
+        return p.uncertainty_maps
+
+    for fold in (0, 1):
+        assert maps((fold,))[1].abs().max() < 1e-6  # one sample of one model: no disagreement
+    both = maps((0, 1))
+    assert both[1].max() > 1e-3
+    assert torch.all(both[1] <= both[0] + 1e-5)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from nnunet_diffusion.config import SamplingSettings
 from nnunet_diffusion.sampling import encode_mask, mask_from_logits, p_sample_loop
 from nnunet_diffusion.schedule import Schedule
 
@@ -81,7 +82,6 @@ def test_chain_stays_finite_under_bfloat16_autocast(K, sampler):
     from conftest import tiny_diffusion_net
     net = tiny_diffusion_net(2).eval()
     torch.nn.init.normal_(net.time_proj.weight, std=0.1)
-    net.sampling_steps, net.sampler = K, sampler
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = net(torch.randn(1, 1, 8, 8) * 100)
+        out = net.sample(torch.randn(1, 1, 8, 8) * 100, SamplingSettings(num_steps=K, sampler=sampler))
     assert torch.isfinite(out).all()

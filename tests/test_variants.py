@@ -118,3 +118,49 @@ def test_ablation_trains_validates_and_predicts_with_stock_commands(env, variant
          "-f", "0", "-tr", tr, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env=env)
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "case_003.nii.gz")))
     assert seg.shape == (20, 24, 20) and set(np.unique(seg)) <= {0, 1, 2}
+
+
+def test_supervised_recycle_from_noise_trains_the_chains_first_step(make_trainer):
+    """recycle_source="noise": the recycle pass runs at t_K on every sample, keeps its gradient (it is
+    supervised), and x_t is built from its *detached* prediction."""
+    tr = make_trainer("DiffusionTrainer_supervisedRecycleFromNoise_1ep1it")
+    data, target = _batch(tr)
+    rec = Recorder(tr.network)
+    noisy = tr.make_noisy_batch(data, target)
+    assert rec.calls[0] == [1000] * data.shape[0]
+    assert noisy.recycled is not None and noisy.recycled.batch.k.tolist() == [5] * data.shape[0]
+    out = full_resolution(noisy.recycled.output)
+    assert out.requires_grad  # supervised: the pass keeps its graph
+    assert not noisy.xt.requires_grad  # eq. 9's stop-gradient: x_t carries no graph back into the recycle pass
+    schedule = tr.diffusion_network.training_schedule
+    x0_hat = 2 * torch.softmax(out.detach(), 1) - 1
+    torch.testing.assert_close(noisy.xt, schedule.q_sample(x0_hat, noisy.k, noisy.eps))
+
+
+@pytest.mark.parametrize("name,supervised", [("DiffusionTrainer_supervisedRecycle_1ep1it", True),
+                                             ("DiffusionTrainer_paper_1ep1it", False)])
+def test_supervised_recycle_loss_is_mean_of_both_passes(make_trainer, name, supervised):
+    tr = make_trainer(name)
+    data, target = _batch(tr)
+    torch.manual_seed(3)
+    noisy = tr.make_noisy_batch(data, target)
+    assert (noisy.recycled is not None) == supervised
+    loss = tr.compute_loss(data, target, noisy)
+    second = tr.loss(tr.network(data, noisy.xt, noisy.t), target)
+    if supervised:
+        first = tr.loss(noisy.recycled.output, target)
+        torch.testing.assert_close(loss, 0.5 * (first + second))
+        loss.backward()  # the recycle pass's parameters get gradient from its own loss
+        assert tr.diffusion_network.time_proj.weight.grad is not None
+    else:
+        torch.testing.assert_close(loss, second)
+
+
+def test_use_dice_drives_the_loss(make_trainer):
+    """use_dice=False (the noDice ablation) makes the loss cross-entropy only, through the config alone."""
+    tr = make_trainer("DiffusionTrainer_noDice_1ep1it")
+    inner = tr.loss.loss if hasattr(tr.loss, "weight_factors") else tr.loss
+    assert inner.weight_dice == 0
+    tr2 = make_trainer("DiffusionTrainer_paper_1ep1it")
+    inner2 = tr2.loss.loss if hasattr(tr2.loss, "weight_factors") else tr2.loss
+    assert inner2.weight_dice != 0

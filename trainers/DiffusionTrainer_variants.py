@@ -1,3 +1,4 @@
-"""Ablation trainers of the paper's Table 2 (``-tr DiffusionTrainer_<change>``)."""
-from nnunet_diffusion.variants import (DiffusionTrainer_1000steps, DiffusionTrainer_noDice,  # noqa: F401
-                                       DiffusionTrainer_noRecycle, DiffusionTrainer_predictNoise)
+"""Ablation trainers of the paper's Table 2, the paper's exact configuration and the accuracy study's
+candidates (``-tr DiffusionTrainer_<change>``)."""
+from nnunet_diffusion.variants import *  # noqa: F401,F403
+from nnunet_diffusion.variants import __all__  # noqa: F401

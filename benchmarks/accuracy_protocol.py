@@ -1,0 +1,307 @@
+"""The accuracy study's protocol (issue: close the Dice gap to stock nnU-Net at equal budget).
+
+    python benchmarks/accuracy_protocol.py -o results/Dataset004_Hippocampus/accuracy_cpu_12x50 \
+        [--budget 12x50] [--batch-size 2] [--fold 0] [-device cpu] [--trainers nnUNetTrainer DiffusionTrainer_paper ...]
+
+Needs nnUNet_raw / nnUNet_preprocessed / nnUNet_results, with Dataset004_Hippocampus in nnUNet_raw (e.g. a link
+to ../shared/data/Dataset004_Hippocampus). Plans and preprocesses 3d_fullres if needed and sets the planned
+batch size to ``--batch-size`` (the same plans for every trainer). For every trainer, in order, one at a time
+(two trainings on 2 cores slow each other 2-4x):
+
+1. ``nnUNetv2_train 4 3d_fullres FOLD -tr <Trainer>_<E>ep<I>it`` (skipped when finished, ``--c`` when interrupted).
+   Its final validation (nnU-Net's predictor, default mirroring) gives the *mirrored* predictions.
+2. The fold's validation cases without mirroring: ``nnUNetv2_predict --disable_tta`` for stock,
+   ``nnUNetv2_predict_diffusion --tta off --save-steps`` for diffusion models (every step's x0_hat), and
+   ``--average-last m`` for m = 2, 3, K (mean probability of the last m steps).
+3. Dice per case of every prediction folder; paired comparisons against stock in the same mode (``compare``
+   reports), and for diffusion models the per-step table and the relative change of the logits between t = 0
+   and t = 1000 conditioning (same image, same x_t).
+
+Writes to ``-o``: ``accuracy.json`` (per-case Dice of every method and mode, the commands, machine, versions,
+budget), ``accuracy.md`` (the tables), ``diagnosis.json``, one ``compare`` report folder per pair, and the
+training logs. Rerunning skips what is done.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+import numpy as np
+
+DATASET, DATASET_ID, CONFIG = "Dataset004_Hippocampus", "4", "3d_fullres"
+DEFAULT_TRAINERS = ["nnUNetTrainer", "DiffusionTrainer_paper", "DiffusionTrainer_supervisedRecycleFromNoise"]
+
+
+def sh(cmd: List[str], log: str, env=None) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if rc != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({rc}); see {log}")
+
+
+def bin_(name: str) -> str:
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    return beside if os.path.isfile(beside) else name
+
+
+def prepare(batch_size: int, log: str) -> str:
+    from nnunetv2.paths import nnUNet_preprocessed
+    plans = os.path.join(str(nnUNet_preprocessed), DATASET, "nnUNetPlans.json")
+    if not os.path.isfile(plans) or not os.path.isdir(os.path.join(str(nnUNet_preprocessed), DATASET,
+                                                                   "nnUNetPlans_3d_fullres")):
+        env = dict(os.environ)
+        env.pop("nnUNet_n_proc_DA", None)  # 0 breaks plan_and_preprocess (torch.set_num_threads(0))
+        sh([bin_("nnUNetv2_plan_and_preprocess"), "-d", DATASET_ID, "-c", CONFIG, "-np", "2"], log, env)
+    p = json.load(open(plans))
+    if p["configurations"][CONFIG]["batch_size"] != batch_size:
+        p["configurations"][CONFIG]["batch_size"] = batch_size
+        with open(plans, "w") as f:
+            json.dump(p, f, indent=1)
+    return plans
+
+
+def val_images(fold: int, work: str) -> List[str]:
+    """Links to the fold's validation images (nnU-Net's splits_final.json) in ``work/images``."""
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    splits = json.load(open(os.path.join(str(nnUNet_preprocessed), DATASET, "splits_final.json")))
+    cases = sorted(splits[fold]["val"])
+    folder = os.path.join(work, "images")
+    os.makedirs(folder, exist_ok=True)
+    for c in cases:
+        dst = os.path.join(folder, f"{c}_0000.nii.gz")
+        if not os.path.exists(dst):
+            os.symlink(os.path.realpath(os.path.join(str(nnUNet_raw), DATASET, "imagesTr", f"{c}_0000.nii.gz")), dst)
+    return cases
+
+
+def train(trainer: str, fold: int, device: str, out: str) -> Dict:
+    from nnunetv2.paths import nnUNet_results
+    fold_dir = os.path.join(str(nnUNet_results), DATASET, f"{trainer}__nnUNetPlans__{CONFIG}", f"fold_{fold}")
+    cmd = [bin_("nnUNetv2_train"), DATASET_ID, CONFIG, str(fold), "-tr", trainer, "-device", device]
+    if not os.path.isfile(os.path.join(fold_dir, "validation", "summary.json")):
+        if os.path.isfile(os.path.join(fold_dir, "checkpoint_latest.pth")):
+            cmd.append("--c")
+        env = dict(os.environ)
+        env.setdefault("nnUNet_n_proc_DA", "0" if device == "cpu" else "8")
+        env.setdefault("nnUNet_compile", "f")
+        sh(cmd, os.path.join(out, "logs", f"{trainer}_train.log"), env)
+    logs = sorted(glob.glob(os.path.join(fold_dir, "training_log_*.txt")))
+    epoch_times = [float(line.rsplit(":", 1)[1].strip().split()[0]) for lg in logs for line in open(lg)
+                   if "Epoch time:" in line]
+    for lg in logs:
+        shutil.copy(lg, os.path.join(out, "logs", f"{trainer}_{os.path.basename(lg)}"))
+    return {"command": "nnUNetv2_train " + " ".join(cmd[1:]), "fold_dir": fold_dir,
+            "epoch_times_s": epoch_times, "training_s": round(sum(epoch_times), 1)}
+
+
+def predict_unmirrored(trainer: str, fold: int, device: str, images: str, work: str, out: str,
+                       diffusion: bool, num_steps: int) -> Dict[str, str]:
+    """Prediction folders without mirroring: {mode: folder}."""
+    base = ["-d", DATASET_ID, "-c", CONFIG, "-f", str(fold), "-tr", trainer, "-device", device,
+            "-npp", "1", "-nps", "1", "-i", images]
+    log = os.path.join(out, "logs", f"{trainer}_predict.log")
+    folders = {}
+    runs = [("off", [bin_("nnUNetv2_predict"), "--disable_tta"])] if not diffusion else \
+        [("off", [bin_("nnUNetv2_predict_diffusion"), "--tta", "off", "--save-steps"])] + \
+        [(f"off_mean{m}", [bin_("nnUNetv2_predict_diffusion"), "--tta", "off", "--average-last", str(m)])
+         for m in sorted({2, 3, num_steps}) if 1 < m <= num_steps]
+    for mode, cmd in runs:
+        folder = os.path.join(work, trainer, mode)
+        if not os.path.isfile(os.path.join(folder, "done")):
+            shutil.rmtree(folder, ignore_errors=True)
+            sh(cmd + base + ["-o", folder], log)
+            open(os.path.join(folder, "done"), "w").close()
+        folders[mode] = folder
+    return folders
+
+
+def logits_dependence_on_t(model_dir: str, fold: int, cases: List[str], device: str) -> Dict:
+    """Relative L2 change of the logits between t = 0 and t = 1000 for the same image patch and x_t (pure noise,
+    and the ground truth noised to t = 500), over the first 5 validation cases (centre patch)."""
+    import torch
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from nnunet_diffusion.predictor import DiffusionPredictor
+    from nnunet_diffusion.sampling import encode_mask
+    p = DiffusionPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                           perform_everything_on_device=False, device=torch.device(device), verbose=False,
+                           allow_tqdm=False)
+    p.initialize_from_trained_model_folder(model_dir, (fold,), "checkpoint_final.pth")
+    net = p.diffusion_network.eval()
+    folder = os.path.join(str(nnUNet_preprocessed), DATASET, "nnUNetPlans_3d_fullres")
+    ds = infer_dataset_class(folder)(folder, cases[:5])
+    patch = tuple(p.configuration_manager.patch_size)
+    schedule = net.config.inference_schedule(5)
+    out = {"noise": [], "gt_t500": []}
+    g = torch.Generator().manual_seed(0)
+    for c in cases[:5]:
+        data, seg, *_ = ds.load_case(c)
+        data, seg = torch.from_numpy(np.asarray(data)).float(), torch.from_numpy(np.asarray(seg)).long()
+        pad = [max(0, ps - s) for ps, s in zip(patch, data.shape[1:])]
+        data = torch.nn.functional.pad(data, [v for q in reversed(pad) for v in (q // 2, q - q // 2)])
+        seg = torch.nn.functional.pad(seg.clamp_min(0), [v for q in reversed(pad) for v in (q // 2, q - q // 2)])
+        start = [(s - ps) // 2 for s, ps in zip(data.shape[1:], patch)]
+        sl = tuple(slice(a, a + ps) for a, ps in zip(start, patch))
+        image, label = data[(slice(None), *sl)][None], seg[(slice(None), *sl)][None]
+        x0 = encode_mask(label, net.num_classes)
+        xts = {"noise": torch.randn(x0.shape, generator=g),
+               "gt_t500": schedule.q_sample(x0, torch.tensor([3]), torch.randn(x0.shape, generator=g))}
+        with torch.no_grad():
+            for name, xt in xts.items():
+                a = net.denoise(image, xt, torch.tensor([0])).float()
+                b = net.denoise(image, xt, torch.tensor([1000])).float()
+                out[name].append(float((a - b).norm() / b.norm()))
+    return {k: {"mean": float(np.mean(v)), "per_case": v} for k, v in out.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-o", required=True)
+    ap.add_argument("--budget", default="12x50")
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("-device", default="cpu")
+    ap.add_argument("--trainers", nargs="+", default=DEFAULT_TRAINERS)
+    ap.add_argument("--skip-training", action="store_true", help="only evaluate trainers that finished")
+    args = ap.parse_args(argv)
+
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
+
+    from nnunet_diffusion.budget import budget_name, parse_budget
+    from nnunet_diffusion.evaluation import compare, evaluate_folders, step_suffixes
+    from nnunet_diffusion.machine import machine_info
+
+    epochs, iters = parse_budget(args.budget)
+    out = os.path.abspath(args.o)
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    work = os.path.join(str(nnUNet_results), DATASET, "accuracy_protocol_work")
+    plans = prepare(args.batch_size, os.path.join(out, "logs", "prepare.log"))
+    shutil.copy(plans, os.path.join(out, "nnUNetPlans.json"))
+    cases = val_images(args.fold, work)
+    shutil.copy(os.path.join(str(nnUNet_preprocessed), DATASET, "splits_final.json"), out)
+    gt = os.path.join(str(nnUNet_preprocessed), DATASET, "gt_segmentations")
+    result_path = os.path.join(out, "accuracy.json")
+    result = json.load(open(result_path)) if os.path.isfile(result_path) else {}
+    result.update({"dataset": DATASET, "configuration": CONFIG, "fold": args.fold, "num_cases": len(cases),
+                   "budget": {"epochs": epochs, "iterations": iters, "batch_size": args.batch_size},
+                   "device": args.device, "machine": machine_info(args.device),
+                   "command": "python benchmarks/accuracy_protocol.py " + " ".join(argv or sys.argv[1:])})
+    result.setdefault("methods", {})
+    diagnosis = {}
+    stock = budget_name("nnUNetTrainer", epochs, iters)
+    for base in args.trainers:
+        trainer = budget_name(base, epochs, iters)
+        model_dir = os.path.join(str(nnUNet_results), DATASET, f"{trainer}__nnUNetPlans__{CONFIG}")
+        done = os.path.isfile(os.path.join(model_dir, f"fold_{args.fold}", "validation", "summary.json"))
+        if args.skip_training and not done:
+            print(f"{trainer}: not trained, skipped", flush=True)
+            continue
+        t0 = time.time()
+        info = train(trainer, args.fold, args.device, out)
+        diffusion = base.startswith("Diffusion")
+        num_steps = 5
+        if diffusion:
+            from nnunet_diffusion.budget import make_budget_trainer
+            num_steps = make_budget_trainer(trainer).diffusion.num_steps
+        folders = {"mirror": os.path.join(info["fold_dir"], "validation")}
+        folders.update(predict_unmirrored(trainer, args.fold, args.device, os.path.join(work, "images"), work, out,
+                                          diffusion, num_steps))
+        entry = {"trainer": trainer, "training": info, "modes": {}}
+        for mode, folder in folders.items():
+            ev = evaluate_folders(gt, folder)
+            entry["modes"][mode] = {c: v["case"]["dice"] for c, v in ev["cases"].items()}
+        if diffusion:
+            steps = {}
+            for suffix in step_suffixes(folders["off"]):
+                ev = evaluate_folders(gt, folders["off"], suffix=suffix)
+                steps[suffix[1:]] = {c: v["case"]["dice"] for c, v in ev["cases"].items()}
+            entry["steps"] = steps
+            diagnosis[trainer] = logits_dependence_on_t(model_dir, args.fold, cases, args.device)
+        entry["seconds"] = round(time.time() - t0, 1)
+        result["methods"][base] = entry
+        with open(result_path, "w") as f:
+            json.dump(result, f, indent=1)
+        if base != "nnUNetTrainer" and "nnUNetTrainer" in result["methods"]:
+            stock_dir = os.path.join(str(nnUNet_results), DATASET, f"{stock}__nnUNetPlans__{CONFIG}")
+            for mode, folder in (("mirror", folders["mirror"]),
+                                 ("off", folders["off"])):
+                other = os.path.join(stock_dir, f"fold_{args.fold}", "validation") if mode == "mirror" else \
+                    os.path.join(work, stock, "off")
+                compare(folder, other, gt, os.path.join(out, f"{base}_vs_nnUNetTrainer_{mode}"),
+                        names=[base, "nnUNetTrainer"])
+    if diagnosis:
+        old = json.load(open(os.path.join(out, "diagnosis.json"))) if os.path.isfile(
+            os.path.join(out, "diagnosis.json")) else {}
+        old.update(diagnosis)
+        with open(os.path.join(out, "diagnosis.json"), "w") as f:
+            json.dump(old, f, indent=1)
+    write_tables(result, out)
+    print(open(os.path.join(out, "accuracy.md")).read())
+    return 0
+
+
+def write_tables(result: Dict, out: str) -> None:
+    """accuracy.md from accuracy.json (and diagnosis.json): every number comes from those files."""
+    from nnunet_diffusion.evaluation import paired_tests
+    methods = result["methods"]
+    b = result["budget"]
+    m = result["machine"]
+    lines = [f"# Accuracy study: {result['dataset']} {result['configuration']}, fold {result['fold']} "
+             f"({result['num_cases']} validation cases)", "",
+             f"Budget {b['epochs']} epochs x {b['iterations']} iterations at batch {b['batch_size']} for every "
+             f"trainer; device {result['device']} ({m['cpu']}, {m['cpu_count']} cores"
+             f"{', ' + m['gpu'] if m.get('gpu') else ''}); torch {m['torch']}, nnunetv2 {m['nnunetv2']}; "
+             f"{m['date_utc']} UTC. One training run per method.", "",
+             f"Command: `{result['command']}`", "",
+             "Mean foreground Dice over cases; Δ and p (paired t-test, α = 0.01) against stock nnU-Net "
+             "(`nnUNetTrainer`) in the same mirroring mode. `mirror`: nnU-Net's final validation with its default "
+             "mirroring (both methods); `off`: no mirroring; `off_meanM`: no mirroring, output = mean "
+             "probability of the last M steps.", "",
+             "| method | mode | Dice | Δ vs stock | p | training s |", "|---|---|---|---|---|---|"]
+    stock = methods.get("nnUNetTrainer")
+    for name, e in methods.items():
+        for mode, dice in e["modes"].items():
+            ref_mode = "mirror" if mode == "mirror" else "off"
+            cells = ["–", "–"]
+            if stock is not None and name != "nnUNetTrainer" and ref_mode in stock["modes"]:
+                ref = stock["modes"][ref_mode]
+                cs = sorted(set(dice) & set(ref))
+                a, r = [dice[c] for c in cs], [ref[c] for c in cs]
+                cells = [f"{np.mean(a) - np.mean(r):+.4f}", f"{paired_tests(a, r)['t_pvalue']:.2g}"]
+            lines.append(f"| {name} | {mode} | {np.mean(list(dice.values())):.4f} | {cells[0]} | {cells[1]} | "
+                         f"{e['training']['training_s']:.0f} |")
+    diag_path = os.path.join(out, "diagnosis.json")
+    diag = json.load(open(diag_path)) if os.path.isfile(diag_path) else {}
+    for name, e in methods.items():
+        if "steps" not in e:
+            continue
+        lines += ["", f"## Per-step diagnosis: {e['trainer']} (no mirroring)", "",
+                  "| output | Dice |", "|---|---|"]
+        for step, dice in e["steps"].items():
+            lines.append(f"| x0_hat of {step} | {np.mean(list(dice.values())):.4f} |")
+        for mode, dice in e["modes"].items():
+            if mode.startswith("off"):
+                label = "chain output (last step)" if mode == "off" else f"mean of last {mode[8:]} steps"
+                lines.append(f"| {label} | {np.mean(list(dice.values())):.4f} |")
+        if e["trainer"] in diag:
+            d = diag[e["trainer"]]
+            lines += ["", f"Relative L2 change of the logits between t = 0 and t = 1000 (same image patch and x_t, "
+                          f"5 cases): x_t pure noise {d['noise']['mean']:.3f}; x_t = ground truth noised to t = 500 "
+                          f"{d['gt_t500']['mean']:.3f}."]
+    with open(os.path.join(out, "accuracy.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
