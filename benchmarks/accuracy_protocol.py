@@ -217,7 +217,8 @@ def main(argv=None) -> int:
         folders = {"mirror": os.path.join(info["fold_dir"], "validation")}
         folders.update(predict_unmirrored(trainer, args.fold, args.device, os.path.join(work, "images"), work, out,
                                           diffusion, num_steps))
-        entry = {"trainer": trainer, "training": info, "modes": {}}
+        entry = {"trainer": trainer, "training": info, "modes": {},
+                 "protocol_command": "python benchmarks/accuracy_protocol.py " + " ".join(argv or sys.argv[1:])}
         for mode, folder in folders.items():
             ev = evaluate_folders(gt, folder)
             entry["modes"][mode] = {c: v["case"]["dice"] for c, v in ev["cases"].items()}
