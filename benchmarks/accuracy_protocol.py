@@ -125,7 +125,8 @@ def predict_unmirrored(trainer: str, fold: int, device: str, images: str, work: 
     return folders
 
 
-def logits_dependence_on_t(model_dir: str, fold: int, cases: List[str], device: str) -> Dict:
+def logits_dependence_on_t(model_dir: str, fold: int, cases: List[str], device: str,
+                           checkpoint: str = "checkpoint_final.pth") -> Dict:
     """Relative L2 change of the logits between t = 0 and t = 1000 for the same image patch and x_t (pure noise,
     and the ground truth noised to t = 500), over the first 5 validation cases (centre patch)."""
     import torch
@@ -137,7 +138,7 @@ def logits_dependence_on_t(model_dir: str, fold: int, cases: List[str], device: 
     p = DiffusionPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
                            perform_everything_on_device=False, device=torch.device(device), verbose=False,
                            allow_tqdm=False)
-    p.initialize_from_trained_model_folder(model_dir, (fold,), "checkpoint_final.pth")
+    p.initialize_from_trained_model_folder(model_dir, (fold,), checkpoint)
     net = p.diffusion_network.eval()
     folder = os.path.join(str(nnUNet_preprocessed), DATASET, "nnUNetPlans_3d_fullres")
     ds = infer_dataset_class(folder)(folder, cases[:5])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -117,16 +116,15 @@ def _make_trainer(name: str, dataset: str, config: str, device: torch.device):
     return tr
 
 
-def _predict_case_times(trainer, cases: List[torch.Tensor], make_predictor: Callable) -> List[float]:
-    predictor = make_predictor(trainer)
-    times = []
-    for data in cases:
-        _sync(trainer.device)
-        t0 = time.perf_counter()
-        predictor.predict_sliding_window_return_logits(data)
-        _sync(trainer.device)
-        times.append(time.perf_counter() - t0)
-    return times
+DIFFUSION_MODES = ("full", "final", "chain", "off")
+
+
+def _time_prediction(trainer, predictor, data: torch.Tensor) -> float:
+    _sync(trainer.device)
+    t0 = time.perf_counter()
+    predictor.predict_sliding_window_return_logits(data)
+    _sync(trainer.device)
+    return time.perf_counter() - t0
 
 
 def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", quick: bool = False,
@@ -138,6 +136,7 @@ def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", 
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     from nnunet_diffusion.cli import trainers_path
+    from nnunet_diffusion.machine import machine_info
     from nnunet_diffusion.predictor import DiffusionPredictor
 
     dataset_name = maybe_convert_to_dataset_name(dataset)
@@ -193,20 +192,26 @@ def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", 
     common = dict(tile_step_size=0.5, use_gaussian=True, perform_everything_on_device=dev.type == "cuda",
                   device=dev, verbose=False, allow_tqdm=False)
 
-    def stock_predictor(tr):
-        return attach(nnUNetPredictor(use_mirroring=True, **common), tr)
+    def stock_predictor(mirroring):
+        return lambda tr: attach(nnUNetPredictor(use_mirroring=mirroring, **common), tr)
 
     def diffusion_predictor(tta):
         return lambda tr: attach(DiffusionPredictor(use_mirroring=tta != "off", tta=tta, **common), tr)
 
-    predict = {"stock": [], "chain": [], "full": [], "off": []}
-    makers = {"stock": (trainers["stock"], stock_predictor),
-              **{m: (trainers["diffusion"], diffusion_predictor(m)) for m in ("chain", "full", "off")}}
+    makers = {"stock": (trainers["stock"], stock_predictor(True)),
+              "stock_notta": (trainers["stock"], stock_predictor(False)),
+              **{m: (trainers["diffusion"], diffusion_predictor(m)) for m in DIFFUSION_MODES}}
+    predictors = {name: make(tr) for name, (tr, make) in makers.items()}
+    for name, p in predictors.items():  # warm-up: first calls pay for allocation and kernel selection
+        p.predict_sliding_window_return_logits(cases[0])
+    predict: Dict[str, List[float]] = {name: [] for name in makers}
+    order = list(makers)
     for c, data in enumerate(cases):
-        for name, (tr, make) in makers.items():
-            t = _predict_case_times(tr, [data], make)[0]
+        # ABBA: the order reverses every case so that drift of the machine cancels
+        for name in (order if c % 2 == 0 else order[::-1]):
+            t = _time_prediction(makers[name][0], predictors[name], data)
             predict[name].append(t)
-            log(f"  predict case {c + 1}/{len(cases)} {name:6s} {t:.2f} s")
+            log(f"  predict case {c + 1}/{len(cases)} {name:11s} {t:.2f} s")
 
     med = {
         "train_iter_s": {k: _median(v["time"]) for k, v in results.items()},
@@ -217,9 +222,7 @@ def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", 
         "dataset": dataset_name, "configuration": config, "device": str(dev), "batch_size": batch_size,
         "patch_size": list(trainers["stock"].configuration_manager.patch_size),
         "repeats": repeats, "predict_cases": len(cases), "quick": quick,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
+        "machine": dict(machine_info(device), torch_threads=torch.get_num_threads()),
         "torch_version": torch.__version__,
         "medians": med,
         "data_load_s": _median(load_times[1:]) if len(load_times) > 1 else load_times[0],
@@ -228,8 +231,11 @@ def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", 
         "train_iter_ratio": med["train_iter_s"]["diffusion"] / med["train_iter_s"]["stock"],
         "peak_mem_ratio": (med["peak_mem_mib"]["diffusion"] / med["peak_mem_mib"]["stock"]
                            if med["peak_mem_mib"]["stock"] > 0 else None),
-        "predict_ratio": {m: med["predict_case_s"][m] / med["predict_case_s"]["stock"]
-                          for m in ("chain", "full", "off")},
+        # ratios of each diffusion TTA mode's time per case to stock nnU-Net with its default mirroring
+        # ("predict_ratio") and to stock without mirroring ("predict_ratio_notta")
+        "predict_ratio": {m: med["predict_case_s"][m] / med["predict_case_s"]["stock"] for m in DIFFUSION_MODES},
+        "predict_ratio_notta": {m: med["predict_case_s"][m] / med["predict_case_s"]["stock_notta"]
+                                for m in DIFFUSION_MODES},
         "dice_diffusion": None, "dice_stock": None,
     }
     del trainers
@@ -260,9 +266,9 @@ def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", 
 def format_markdown(r: Dict) -> str:
     m = r["medians"]
     mach = r["machine"]
-    where = mach["gpu"] or f"CPU ({mach['processor']}, {mach['cpu_count']} cores, {mach['torch_threads']} torch threads)"
+    where = mach["gpu"] or f"CPU ({mach['cpu']}, {mach['cpu_count']} cores, {mach['torch_threads']} torch threads)"
     lines = [f"# DiffusionTrainer vs nnUNetTrainer — {r['dataset']} {r['configuration']}", "",
-             f"Device: {where}; torch {r['torch_version']}; batch {r['batch_size']}, patch {r['patch_size']}; "
+             f"Device: {where}; torch {r['torch_version']}, nnunetv2 {mach['nnunetv2']}, {mach['date_utc']} UTC; batch {r['batch_size']}, patch {r['patch_size']}; "
              f"medians over {r['repeats']} interleaved iterations and {r['predict_cases']} case(s).", "",
              "| quantity | nnUNetTrainer | DiffusionTrainer | ratio |", "|---|---|---|---|",
              f"| train iteration (s) | {m['train_iter_s']['stock']:.3f} | {m['train_iter_s']['diffusion']:.3f} | "
@@ -270,12 +276,16 @@ def format_markdown(r: Dict) -> str:
     pm = r["peak_mem_ratio"]
     lines.append(f"| peak memory of an iteration (MiB) | {m['peak_mem_mib']['stock']:.0f} | "
                  f"{m['peak_mem_mib']['diffusion']:.0f} | {'–' if pm is None else f'{pm:.2f}'} |")
-    for mode in ("chain", "full", "off"):
-        lines.append(f"| predict one case (s), diffusion TTA `{mode}` vs stock mirroring | "
-                     f"{m['predict_case_s']['stock']:.2f} | {m['predict_case_s'][mode]:.2f} | "
-                     f"{r['predict_ratio'][mode]:.2f} |")
     if r.get("dice_stock") is not None:
         lines.append(f"| foreground Dice after {r['budget']} (fold 0 validation) | {r['dice_stock']:.3f} | "
                      f"{r['dice_diffusion']:.3f} | – |")
+    lines += ["", "Prediction, seconds per case (warmed-up predictors, ABBA order), diffusion TTA modes against "
+                  f"stock nnU-Net with its default mirroring ({m['predict_case_s']['stock']:.2f} s) and without "
+                  f"({m['predict_case_s']['stock_notta']:.2f} s):", "",
+              "| diffusion `--tta` | s / case | ratio to stock with mirroring | ratio to stock without |",
+              "|---|---|---|---|"]
+    for mode in DIFFUSION_MODES:
+        lines.append(f"| {mode} | {m['predict_case_s'][mode]:.2f} | {r['predict_ratio'][mode]:.2f} | "
+                     f"{r['predict_ratio_notta'][mode]:.2f} |")
     lines += ["", f"Data loading per batch (not in the iteration time): {r['data_load_s']:.3f} s.", ""]
     return "\n".join(lines)

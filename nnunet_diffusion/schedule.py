@@ -129,10 +129,6 @@ class Schedule:
             raise ValueError(f"level k must be in [1, {self.num_steps}], got {k}")
         return k - 1
 
-    def level(self, k: int) -> int:
-        """Base level t_k of resampled level k (1-based)."""
-        return int(self.timesteps[self._check_k(k)])
-
     def _table(self, name: str, device: torch.device) -> torch.Tensor:
         """float32 copy of one array on ``device``, built once per device."""
         key = (name, str(device))

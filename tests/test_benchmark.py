@@ -15,10 +15,21 @@ def test_quick_benchmark_writes_every_key(env, tmp_path):
         assert key in r, key
     assert r["train_iter_ratio"] > 0
     assert r["peak_mem_ratio"] is None or r["peak_mem_ratio"] > 0
-    assert set(r["predict_ratio"]) == {"chain", "full", "off"} and all(v > 0 for v in r["predict_ratio"].values())
+    modes = {"full", "final", "chain", "off"}
+    assert set(r["predict_ratio"]) == modes and set(r["predict_ratio_notta"]) == modes
+    assert all(v > 0 for v in [*r["predict_ratio"].values(), *r["predict_ratio_notta"].values()])
+    m = r["medians"]["predict_case_s"]
+    for mode in modes:  # each ratio is that mode's time over the stated stock time
+        assert abs(r["predict_ratio"][mode] - m[mode] / m["stock"]) < 1e-9
+        assert abs(r["predict_ratio_notta"][mode] - m[mode] / m["stock_notta"]) < 1e-9
+    assert r["machine"]["cpu"] and r["machine"]["nnunetv2"]
     for k in ("stock", "diffusion"):
         assert r["medians"]["train_iter_s"][k] > 0 and len(r["raw"]["train_iter_s"][k]) == 2
     assert all(v > 0 for v in r["medians"]["predict_case_s"].values())
     assert r["dice_diffusion"] is None and r["dice_stock"] is None  # --quick skips the training
     md = open(out / "benchmark.md").read()
-    assert "train iteration" in md and "predict one case" in md
+    # the markdown is generated from the JSON: every mode's row carries its measured time and both ratios
+    for mode in modes:
+        row = f"| {mode} | {m[mode]:.2f} | {r['predict_ratio'][mode]:.2f} | {r['predict_ratio_notta'][mode]:.2f} |"
+        assert row in md
+    assert f"| train iteration (s) | {r['medians']['train_iter_s']['stock']:.3f} |" in md
