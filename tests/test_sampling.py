@@ -85,3 +85,88 @@ def test_chain_stays_finite_under_bfloat16_autocast(K, sampler):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = net.sample(torch.randn(1, 1, 8, 8) * 100, SamplingSettings(num_steps=K, sampler=sampler))
     assert torch.isfinite(out).all()
+
+
+def _abar(t):
+    """alpha_bar of the linear base chain, computed here independently of schedule.py."""
+    import numpy as np
+    return float(np.prod(1.0 - np.linspace(1e-4, 0.02, 1001)[:t + 1]))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_one_update_against_hand_computed_values(sampler):
+    """K = 2 (t = 1000 -> 0). The network returns logits (0, ln 3): softmax (1/4, 3/4), x0_hat = (-0.5, 0.5).
+    The second call's x_t must be the DDPM posterior sample / the DDIM update written out by hand."""
+    import math
+    a1, a0 = _abar(1000), _abar(0)
+    x2 = torch.tensor([0.3, -1.2]).view(1, 2, 1, 1)
+    z = torch.tensor([0.7, 0.1]).view(1, 2, 1, 1)
+    seen = []
+
+    def fn(image, xt, t):
+        seen.append(xt.clone())
+        return torch.tensor([0.0, math.log(3.0)]).view(1, 2, 1, 1)
+
+    p_sample_loop(fn, torch.zeros(1, 1, 1, 1), Schedule.resampled(2), 2, sampler=sampler, noise=[x2, z])
+    x0_hat = torch.tensor([-0.5, 0.5]).view(1, 2, 1, 1)
+    if sampler == "ddpm":
+        beta = 1 - a1 / a0
+        c0 = beta * math.sqrt(a0) / (1 - a1)
+        ct = math.sqrt(1 - beta) * (1 - a0) / (1 - a1)
+        var = beta * (1 - a0) / (1 - a1)
+        expected = c0 * x0_hat + ct * x2 + math.sqrt(var) * z
+    else:
+        eps_hat = (x2 - math.sqrt(a1) * x0_hat) / math.sqrt(1 - a1)
+        expected = math.sqrt(a0) * x0_hat + math.sqrt(1 - a0) * eps_hat
+    torch.testing.assert_close(seen[1], expected.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_chain_matches_an_independent_loop_on_an_input_dependent_network(sampler):
+    """K = 5 with a network whose output depends on image, x_t and t: the returned logits equal a loop written
+    here from the closed forms (kept levels 0, 250, ..., 1000; previous level t_{k-1}, never t - 1)."""
+    import math
+    torch.manual_seed(0)
+    image = torch.randn(1, 1, 4, 5)
+    noise = [torch.randn(1, 3, 4, 5) for _ in range(5)]
+    w = torch.randn(3, 3)
+
+    def fn(image, xt, t):
+        return torch.einsum("ij,bjhw->bihw", w, xt) + image * (1 + t.view(-1, 1, 1, 1) / 1000.0)
+
+    out = p_sample_loop(fn, image, Schedule.resampled(5), 3, sampler=sampler, noise=noise)
+    levels = [0, 250, 500, 750, 1000]
+    xt = noise[0]
+    for j, k in enumerate(range(5, 0, -1)):
+        t = levels[k - 1]
+        logits = fn(image, xt, torch.tensor([t]))
+        if k == 1:
+            break
+        x0_hat = 2 * torch.softmax(logits, 1) - 1
+        a, a_prev = _abar(t), _abar(levels[k - 2])
+        if sampler == "ddpm":
+            beta = 1 - a / a_prev
+            xt = beta * math.sqrt(a_prev) / (1 - a) * x0_hat + math.sqrt(1 - beta) * (1 - a_prev) / (1 - a) * xt \
+                + math.sqrt(beta * (1 - a_prev) / (1 - a)) * noise[j + 1]
+        else:
+            eps_hat = (xt - math.sqrt(a) * x0_hat) / math.sqrt(1 - a)
+            xt = math.sqrt(a_prev) * x0_hat + math.sqrt(1 - a_prev) * eps_hat
+    torch.testing.assert_close(out, logits, rtol=1e-4, atol=1e-5)
+
+
+def test_average_last_is_the_mean_of_the_recorded_step_probabilities():
+    """average_last = m returns log(mean softmax of the last m steps' logits), checked against the per-step
+    logits the hook records; m = 1 returns the last step's logits unchanged."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 3)
+    fn = lambda image, xt, t: torch.einsum("ij,bjhw->bihw", w, xt) + t.view(-1, 1, 1, 1) / 500.0  # noqa: E731
+    noise = [torch.randn(1, 3, 4, 4) for _ in range(5)]
+    steps = {}
+    last = p_sample_loop(fn, torch.zeros(1, 1, 4, 4), Schedule.resampled(5), 3, noise=noise,
+                         on_step=lambda k, t, x0_hat, out: steps.__setitem__(k, out))
+    assert sorted(steps) == [1, 2, 3, 4, 5] and torch.equal(last, steps[1])
+    for m in (2, 3, 5):
+        avg = p_sample_loop(fn, torch.zeros(1, 1, 4, 4), Schedule.resampled(5), 3, noise=noise, average_last=m)
+        expected = sum(torch.softmax(steps[k], 1) for k in range(1, m + 1)) / m
+        torch.testing.assert_close(torch.softmax(avg, 1), expected)
+        assert not torch.allclose(torch.softmax(avg, 1), torch.softmax(last, 1))

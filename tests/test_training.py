@@ -49,25 +49,42 @@ def test_recycling_uses_prediction_at_next_level_with_fresh_noise():
     assert not torch.allclose(eps1, eps2)
 
 
-def test_no_gradient_reaches_parameters_through_recycle_pass():
+def test_unsupervised_recycle_pass_records_no_graph():
+    """The paper's recycle pass runs without gradient: the network is called with grad mode off."""
+    net = tiny_diffusion_net(3).train()
+    s = Schedule.resampled(5)
+    image = torch.randn(2, 1, 8, 8, 8)
+    x0 = encode_mask(torch.randint(0, 3, (2, 1, 8, 8, 8)), 3)
+    grad_modes = []
+
+    def recording(image, xt, t):
+        grad_modes.append(torch.is_grad_enabled())
+        return net(image, xt, t)
+
+    noisy = make_noisy_mask(recording, image, x0, s, recycle=True, generator=torch.Generator().manual_seed(0))
+    assert grad_modes == [False]
+    assert not noisy.xt.requires_grad
+
+
+def test_no_gradient_flows_from_xt_into_the_recycle_pass():
+    """Eq. 9's stop-gradient, where it matters: the recycle pass keeps its graph (supervised), yet the supervised
+    pass's gradient is exactly that of a detached copy of x_t (nothing flows back through x0_hat')."""
     net = tiny_diffusion_net(3).train()
     torch.nn.init.normal_(net.time_proj.weight, std=0.1)
     s = Schedule.resampled(5)
     image = torch.randn(2, 1, 8, 8, 8)
     x0 = encode_mask(torch.randint(0, 3, (2, 1, 8, 8, 8)), 3)
-    noisy = make_noisy_mask(net, image, x0, s, recycle=True, generator=torch.Generator().manual_seed(0))
-    assert not noisy.xt.requires_grad
-    # nothing was recorded for backward during the recycle pass
-    assert all(p.grad is None for p in net.parameters())
-    out = net(image, noisy.xt, noisy.t)
-    out.sum().backward()
-    grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+    noisy = make_noisy_mask(net, image, x0, s, recycle=True, supervise_recycle=True,
+                            k=torch.tensor([1, 2]), generator=torch.Generator().manual_seed(0))
+    assert noisy.recycled.output.requires_grad
+    net(image, noisy.xt, noisy.t).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     # the supervised pass reaches the time path and the first convolution (the mask input)
     assert {"time_proj.weight", "time_mlp.0.weight", "unet.encoder.stages.0.0.convs.0.conv.weight"} <= set(grads)
-
-    # gradient of the supervised pass alone: with xt fixed, the same gradient results
-    grads_with_recycle = {n: g.clone() for n, g in grads.items()}
     net.zero_grad(set_to_none=True)
-    net(image, noisy.xt.clone(), noisy.t).sum().backward()
-    for n, g in grads_with_recycle.items():
-        torch.testing.assert_close(dict(net.named_parameters())[n].grad, g)
+    net(image, noisy.xt.detach().clone(), noisy.t).square().sum().backward()
+    for n, p in net.named_parameters():
+        if p.grad is None:
+            assert n not in grads
+        else:
+            torch.testing.assert_close(p.grad, grads[n], rtol=0, atol=0)
