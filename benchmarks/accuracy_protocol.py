@@ -143,7 +143,7 @@ def logits_dependence_on_t(model_dir: str, fold: int, cases: List[str], device: 
     folder = os.path.join(str(nnUNet_preprocessed), DATASET, "nnUNetPlans_3d_fullres")
     ds = infer_dataset_class(folder)(folder, cases[:5])
     patch = tuple(p.configuration_manager.patch_size)
-    schedule = net.config.inference_schedule(5)
+    schedule = net.schedule(5)
     out = {"noise": [], "gt_t500": []}
     g = torch.Generator().manual_seed(0)
     for c in cases[:5]:

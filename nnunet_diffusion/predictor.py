@@ -131,10 +131,6 @@ class DiffusionPredictor(nnUNetPredictor):
         super().manual_initialization(*args, **kwargs)
         self._configure_network()
 
-    @property
-    def _num_steps(self) -> int:
-        return self.sampling.num_steps
-
     # ------------------------------------------------------------------ sliding-window hooks
     def _internal_get_sliding_window_slicers(self, image_size):
         slicers = super()._internal_get_sliding_window_slicers(image_size)
@@ -198,7 +194,7 @@ class DiffusionPredictor(nnUNetPredictor):
             self.uncertainty_maps = torch.stack([total, mutual_info])[crop].cpu()
         if "steps" in acc:
             steps = acc["steps"] / weight
-            self.step_probabilities = steps.view(self._num_steps, -1, *steps.shape[1:])[(slice(None), *crop)].cpu()
+            self.step_probabilities = steps.view(self.sampling.num_steps, -1, *steps.shape[1:])[(slice(None), *crop)].cpu()
 
     def _accumulate(self, maps: dict) -> None:
         """Add this tile's maps (each ``(n, *tile)``) into the case accumulators, Gaussian-weighted as nnU-Net
@@ -248,7 +244,7 @@ class DiffusionPredictor(nnUNetPredictor):
         axes = [m + 2 for m in self.allowed_mirroring_axes] if (self.use_mirroring and
                                                                 self.allowed_mirroring_axes) else []
         combos = mirror_combinations(axes)
-        K = self._num_steps
+        K = self.sampling.num_steps
         tile = self._tile_index if not self.tile_consistent_noise else 0
         fold = max(self._fold_index, 0)
         want_maps = self.uncertainty or self.save_steps
@@ -296,7 +292,7 @@ class DiffusionPredictor(nnUNetPredictor):
                 ofile = item.get('ofile') if isinstance(item, dict) else None
                 if ofile is not None:
                     print(f"[case {i + 1}] {os.path.basename(ofile)}: {self.num_samples} sample(s) x "
-                          f"{self._num_steps} steps, tta {self.tta}", flush=True)
+                          f"{self.sampling.num_steps} steps, tta {self.tta}", flush=True)
                 yield item
         try:
             return super().predict_from_data_iterator(tracking(data_iterator), save_probabilities,
@@ -313,7 +309,7 @@ class DiffusionPredictor(nnUNetPredictor):
         if self.save_steps and self.step_probabilities is not None:
             from nnunetv2.inference.export_prediction import export_prediction_from_logits
             for j, probs in enumerate(self.step_probabilities):
-                k = self._num_steps - j
+                k = self.sampling.num_steps - j
                 export_prediction_from_logits(torch.log(probs.clamp_min(1e-8)), case['data_properties'],
                                               self.configuration_manager, self.plans_manager, self.dataset_json,
                                               f"{case['ofile']}_step{k}", False)

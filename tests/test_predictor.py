@@ -292,20 +292,19 @@ def test_uncertainty_maps_include_every_fold(trained, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(os.path.dirname(trained), model,
                     ignore=shutil.ignore_patterns("validation", "*.png"))
-    src = model
-    ck = torch.load(src / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    ck = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     torch.manual_seed(0)
     ck["network_weights"] = {k: v + 0.3 * torch.randn_like(v) if v.is_floating_point() else v
                              for k, v in ck["network_weights"].items()}
-    (src / "fold_1").mkdir()
-    torch.save(ck, src / "fold_1" / "checkpoint_final.pth")
+    (model / "fold_1").mkdir()
+    torch.save(ck, model / "fold_1" / "checkpoint_final.pth")
     image = torch.randn(1, 30, 30, 24)
 
     def maps(folds):
         p = DiffusionPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
                                perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
                                allow_tqdm=False, num_samples=1, uncertainty=True, tta="off")
-        p.initialize_from_trained_model_folder(str(src), folds, "checkpoint_final.pth")
+        p.initialize_from_trained_model_folder(str(model), folds, "checkpoint_final.pth")
         p.predict_logits_from_preprocessed_data(image)
         return p.uncertainty_maps
 
