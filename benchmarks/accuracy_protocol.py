@@ -256,15 +256,13 @@ def main(argv=None) -> int:
 def write_tables(result: Dict, out: str) -> None:
     """accuracy.md from accuracy.json (and diagnosis.json): every number comes from those files."""
     from nnunet_diffusion.evaluation import paired_tests
+    from nnunet_diffusion.machine import describe
     methods = result["methods"]
     b = result["budget"]
-    m = result["machine"]
     lines = [f"# Accuracy study: {result['dataset']} {result['configuration']}, fold {result['fold']} "
              f"({result['num_cases']} validation cases)", "",
              f"Budget {b['epochs']} epochs x {b['iterations']} iterations at batch {b['batch_size']} for every "
-             f"trainer; device {result['device']} ({m['cpu']}, {m['cpu_count']} cores"
-             f"{', ' + m['gpu'] if m.get('gpu') else ''}); torch {m['torch']}, nnunetv2 {m['nnunetv2']}; "
-             f"{m['date_utc']} UTC. One training run per method.", "",
+             f"trainer; {describe(result['device'], result['machine'])}. One training run per method.", "",
              f"Command: `{result['command']}`", "",
              "Mean foreground Dice over cases; Δ and p (paired t-test, α = 0.01) against stock nnU-Net "
              "(`nnUNetTrainer`) in the same mirroring mode. `mirror`: nnU-Net's final validation with its default "

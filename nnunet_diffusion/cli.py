@@ -94,6 +94,27 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_uncertainty(args: argparse.Namespace) -> int:
+    from nnunet_diffusion.uncertainty import uncertainty_report
+    maps = ["probabilities"] if args.probabilities else args.map
+    report = uncertainty_report(args.ref, args.pred, args.o, maps, args.names, _labels(args.l), args.margin,
+                                qc_fraction=args.qc_fraction, file_ending=args.file_ending)
+    print(open(os.path.join(args.o, "report.md")).read())
+    print(f"wrote {os.path.join(args.o, 'report.md')}, report.json, reliability.png "
+          f"({len(report['cases'])} cases)")
+    return 0
+
+
+def _non_negative_mm(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--margin must be a number of mm >= 0, got {text!r}")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"--margin must be a number of mm >= 0, got {value}")
+    return value
+
+
 def _tolerance(text: str) -> float:
     try:
         value = float(text)
@@ -162,6 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=_tolerance, default=1.0, help="NSD tolerance in mm (default 1.0)")
     p.add_argument("--file-ending", default=".nii.gz")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("uncertainty", help="score uncertainty maps: error detection (AUROC, AUPRC), calibration "
+                                           "(ECE, Brier), case-level quality control; one or more methods")
+    p.add_argument("ref", help="folder with reference label files")
+    p.add_argument("pred", nargs="+", help="prediction folder(s): CASE.nii.gz with CASE_entropy / CASE_mutual_info "
+                                          "(--uncertainty) and/or CASE.npz (--save_probabilities)")
+    p.add_argument("-o", required=True, help="output folder for report.md, report.json, reliability.png")
+    p.add_argument("--map", nargs="+", choices=["entropy", "mutual_info", "probabilities"], default=["entropy"],
+                   help="uncertainty per method (one for all, or one per folder): CASE_entropy, CASE_mutual_info, "
+                        "or the entropy of CASE.npz ('probabilities'); default entropy")
+    p.add_argument("--probabilities", action="store_true",
+                   help="score the entropy of CASE.npz for every method (same as --map probabilities)")
+    p.add_argument("--names", nargs="+", default=None, help="one name per prediction folder")
+    p.add_argument("-l", type=int, nargs="+", default=None, help="foreground labels (default: all found)")
+    p.add_argument("--margin", type=_non_negative_mm, default=3.0,
+                   help="scored region: reference or predicted foreground dilated by this many mm (default 3)")
+    p.add_argument("--qc-fraction", type=float, default=0.1, help="worst fraction of cases to flag (default 0.1)")
+    p.add_argument("--file-ending", default=".nii.gz")
+    p.set_defaults(func=_cmd_uncertainty)
 
     p = sub.add_parser("benchmark", help="DiffusionTrainer vs nnUNetTrainer: iteration time, memory, prediction, Dice")
     p.add_argument("-d", required=True, help="dataset name or id (planned and preprocessed)")

@@ -30,3 +30,9 @@ def machine_info(device: Optional[str] = None) -> Dict:
     return {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "gpu": gpu, "torch": torch.__version__, "nnunetv2": nnunet_version, "python": platform.python_version(),
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")}
+
+
+def describe(device: str, m: Dict) -> str:
+    """One line for a report: device, CPU, cores, GPU, versions, date."""
+    return (f"device {device} ({m['cpu']}, {m['cpu_count']} cores{', ' + m['gpu'] if m.get('gpu') else ''}); "
+            f"torch {m['torch']}, nnunetv2 {m['nnunetv2']}; {m['date_utc']} UTC")

@@ -163,6 +163,7 @@ class DiffusionUNet(nn.Module):
 
     def sample(self, image: torch.Tensor, settings: Optional[SamplingSettings] = None, *,
                noise: Optional[Sequence[torch.Tensor]] = None, mirrors: Optional[Sequence[Tuple[int, ...]]] = None,
+               chains: Optional[Sequence[Tuple[int, ...]]] = None, mirror_batch: Optional[int] = None,
                on_step: Optional[StepHook] = None) -> NetworkOutput:
         """The chain from pure noise (:func:`p_sample_loop`) with ``settings`` (default: the trained ones).
         Without ``noise``, the noise comes from a generator seeded with ``settings.seed`` at every call
@@ -173,7 +174,8 @@ class DiffusionUNet(nn.Module):
             generator = torch.Generator(device=image.device).manual_seed(settings.seed)
         return p_sample_loop(self.denoise, image, self.schedule(settings.num_steps), self.num_classes,
                              sampler=settings.sampler, prediction=self.config.prediction, generator=generator,
-                             noise=noise, mirrors=mirrors, average_last=settings.average_last, on_step=on_step)
+                             noise=noise, mirrors=mirrors, average_last=settings.average_last, chains=chains,
+                             mirror_batch=mirror_batch, on_step=on_step)
 
     def forward(self, image: torch.Tensor, xt: Optional[torch.Tensor] = None,
                 t: Optional[torch.Tensor] = None) -> NetworkOutput:

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network calls per tile with K steps and M mirrorings (M = 8 in 3D): full K*M, nnU-Net's "
                         "mirroring around whole chains; final K-1+M, each step another mirroring and the last "
                         "step under all M; chain K, each step another mirroring; off K, no mirroring")
+    g.add_argument("--mirror-batch", type=int_in_range("--mirror-batch", 1), default=None,
+                   help="mirrored copies of a tile per network call in full/final (default: all M at once, "
+                        "halved automatically when memory runs out; 1: one call per mirroring)")
     return p
 
 
@@ -134,7 +137,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                        allow_tqdm=not args.disable_progress_bar, steps=args.steps,
                                        sampler=args.sampler, seed=args.seed, num_samples=args.num_samples,
                                        uncertainty=args.uncertainty, average_last=args.average_last,
-                                       save_steps=args.save_steps, tta="off" if args.disable_tta else args.tta)
+                                       save_steps=args.save_steps, tta="off" if args.disable_tta else args.tta,
+                                       mirror_batch=args.mirror_batch)
         for f in folds:
             read_checkpoint(os.path.join(model_folder, f"fold_{f}", args.chk))
         predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)

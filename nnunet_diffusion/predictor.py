@@ -78,12 +78,15 @@ class DiffusionPredictor(nnUNetPredictor):
         step another mirroring), "off" K.
     tile_consistent_noise: False gives every tile its own independent noise (as stock sliding-window
         prediction would), for measuring what the voxel-attached noise buys.
+    mirror_batch: most mirrored copies of a tile per network call in "full" (the M chains run side by side in
+        the batch) and in "final"'s last step (None: all M in one call, halved after an out-of-memory error;
+        1: one call per mirroring). Same result up to floating-point rounding.
     """
 
     def __init__(self, *args, steps: Optional[int] = None, sampler: Optional[str] = None,
                  average_last: Optional[int] = None, seed: int = 0, num_samples: int = 1,
                  uncertainty: bool = False, save_steps: bool = False, tta: str = "full",
-                 tile_consistent_noise: bool = True, **kwargs):
+                 tile_consistent_noise: bool = True, mirror_batch: Optional[int] = None, **kwargs):
         super().__init__(*args, **kwargs)
         # validated now (the trained values fill the gaps at initialisation)
         SamplingSettings(num_steps=steps or 1001, sampler=sampler or "ddpm", average_last=average_last or 1)
@@ -98,6 +101,10 @@ class DiffusionPredictor(nnUNetPredictor):
         self.seed, self.num_samples, self.uncertainty, self.tta = seed, num_samples, uncertainty, tta
         self.save_steps = save_steps
         self.tile_consistent_noise = tile_consistent_noise
+        if mirror_batch is not None and (isinstance(mirror_batch, bool) or not isinstance(mirror_batch, int)
+                                         or mirror_batch < 1):
+            raise ValueError(f"mirror_batch must be an integer >= 1 or None, got {mirror_batch!r}")
+        self.mirror_batch = mirror_batch
         self._slicers: list = []
         self._volume_shape: Tuple[int, ...] = ()
         self._tile_index = 0
@@ -233,7 +240,8 @@ class DiffusionPredictor(nnUNetPredictor):
     def _run_chain(self, x: torch.Tensor, noise: Sequence[torch.Tensor], plan, on_step=None):
         """One chain on tile x ``(1, C_img, *tile)`` through the network's (only) sampling loop."""
         net = self.diffusion_network
-        return net.sample(x, self.sampling, noise=[n[None] for n in noise], mirrors=plan, on_step=on_step)
+        return net.sample(x, self.sampling, noise=[n[None] for n in noise], mirrors=plan,
+                          mirror_batch=self.mirror_batch, on_step=on_step)
 
     @torch.inference_mode()
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,16 +261,16 @@ class DiffusionPredictor(nnUNetPredictor):
 
         def record(weight):
             def on_step(k, t, x0_hat, out):
+                # mean over the batch: one tile, or one tile per chain of --tta full
                 step_probs[K - k] += weight * torch.softmax(out.float() if torch.is_tensor(out) else out[0].float(),
-                                                            1)[0]
+                                                            1).mean(0)
             return on_step if step_probs is not None else None
 
         for s in range(self.num_samples):
             noise = chain_noise(self.seed + s + 7919 * fold + 1_000_003 * tile, K, net.num_classes, index)
             if self.tta == "full" and len(combos) > 1:
-                w = 1.0 / (len(combos) * self.num_samples)
-                logits = sum(self._run_chain(x, noise, mirror_plan("chain", [c]), record(w)).float()
-                             for c in combos) / len(combos)
+                logits = net.sample(x, self.sampling, noise=[n[None] for n in noise], chains=combos,
+                                    mirror_batch=self.mirror_batch, on_step=record(1.0 / self.num_samples)).float()
             else:
                 plan = mirror_plan(self.tta if self.tta != "full" else "off", combos, offset=s)
                 logits = self._run_chain(x, noise, plan, record(1.0 / self.num_samples)).float()

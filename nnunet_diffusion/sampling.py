@@ -130,6 +130,64 @@ def _mean_outputs(outputs: Sequence[NetworkOutput]) -> NetworkOutput:
     return sum(o.float() for o in outputs) / len(outputs)
 
 
+def _batch_slice(output: NetworkOutput, start: int, stop: int) -> NetworkOutput:
+    if isinstance(output, (list, tuple)):
+        return [o[start:stop] for o in output]
+    return output[start:stop]
+
+
+def _cat_outputs(outputs: Sequence[NetworkOutput]) -> NetworkOutput:
+    if isinstance(outputs[0], (list, tuple)):
+        return [torch.cat([o[s] for o in outputs]) for s in range(len(outputs[0]))]
+    return torch.cat(list(outputs))
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+class MirroredGroups:
+    """Evaluates groups of a batch, each through its own mirroring, with as few network calls as memory allows.
+
+    ``__call__(denoise_fn, image, xt, t, groups)``: image, xt, t hold ``len(groups)`` groups of equal size along
+    the batch (group g = elements ``g*B ... (g+1)*B - 1``); group g goes through mirroring ``groups[g]`` (tensor
+    axes). Up to ``per_call`` groups share one network call (None: all); when a call runs out of memory, the
+    groups per call are halved, for this and every later call, down to one at a time. Returns each group's
+    un-mirrored output, in order. Element-wise the result equals one call per group (instance normalisation and
+    convolutions do not mix batch elements), up to floating-point rounding."""
+
+    def __init__(self, per_call: Optional[int] = None):
+        if per_call is not None and (isinstance(per_call, bool) or not isinstance(per_call, int) or per_call < 1):
+            raise ValueError(f"mirrorings per call must be an integer >= 1 or None, got {per_call!r}")
+        self.per_call = per_call
+        self.calls = 0
+
+    def __call__(self, denoise_fn: DenoiseFn, image: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                 groups: Sequence[Tuple[int, ...]]) -> List[NetworkOutput]:
+        G = len(groups)
+        B = image.shape[0] // G
+        outputs: List[NetworkOutput] = []
+        g = 0
+        while g < G:
+            n = min(G - g, self.per_call or G)
+            sel = range(g, g + n)
+            try:
+                out = denoise_fn(torch.cat([_flip(image[i * B:(i + 1) * B], groups[i]) for i in sel]),
+                                 torch.cat([_flip(xt[i * B:(i + 1) * B], groups[i]) for i in sel]),
+                                 t[g * B:(g + n) * B])
+            except RuntimeError as e:
+                if n == 1 or not _is_out_of_memory(e):
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.per_call = max(1, n // 2)
+                continue
+            self.calls += 1
+            outputs += [_flip(_batch_slice(out, j * B, (j + 1) * B), groups[i]) for j, i in enumerate(sel)]
+            g += n
+        return outputs
+
+
 @torch.no_grad()
 def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule, num_classes: int, *,
                   sampler: str = "ddpm", prediction: str = "x0",
@@ -137,6 +195,8 @@ def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule
                   noise: Optional[Sequence[torch.Tensor]] = None,
                   mirrors: Optional[Union[MirrorPlan, Sequence[Tuple[int, ...]]]] = None,
                   average_last: int = 1,
+                  chains: Optional[Sequence[Tuple[int, ...]]] = None,
+                  mirror_batch: Optional[int] = None,
                   on_step: Optional[StepHook] = None) -> NetworkOutput:
     """Run the K-step chain and return the segmentation logits (the only loop over sampling steps).
 
@@ -154,7 +214,13 @@ def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule
         tensor axes >= 2), or a sequence of axes tuples used in turn (step j: ``mirrors[j % len]``). A step
         calls the network once per mirroring in its list, un-mirrors every output and averages the logits
         (as nnU-Net averages mirrored predictions). None: no mirroring.
-    on_step: called as ``on_step(k, t_k, x0_hat, logits)`` after every network call (diagnostics).
+    chains: instead of ``mirrors``, run one chain per mirroring side by side (chain i sees the network through
+        ``chains[i]`` at every step, all chains share the noise) and return the mean of their logits: nnU-Net's
+        test-time mirroring of the whole sampler, in K network calls of a len(chains)-fold batch.
+    mirror_batch: most mirrored copies evaluated in one network call (None: all of a step; fewer after an
+        out-of-memory error). 1 gives one call per mirroring.
+    on_step: called as ``on_step(k, t_k, x0_hat, logits)`` after every step (diagnostics); with ``chains`` the
+        tensors hold every chain along the batch (chain-major).
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
@@ -162,6 +228,10 @@ def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule
     if isinstance(average_last, bool) or not isinstance(average_last, int) or not 1 <= average_last:
         raise ValueError(f"average_last must be an integer >= 1, got {average_last!r}")
     average_last = min(average_last, K)
+    if chains is not None and mirrors is not None:
+        raise ValueError("give either mirrors (per step) or chains (per chain), not both")
+    groups = MirroredGroups(mirror_batch)
+    G = len(chains) if chains else 1
     if mirrors is None or callable(mirrors):
         plan: MirrorPlan = mirrors or (lambda j, k: [()])
     else:
@@ -171,19 +241,28 @@ def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule
     draws = iter(noise) if noise is not None else None
 
     def draw() -> torch.Tensor:
-        return next(draws).to(image.device, torch.float32) if draws is not None else _randn(shape, image, generator)
+        z = next(draws).to(image.device, torch.float32) if draws is not None else _randn(shape, image, generator)
+        return z.repeat(G, *([1] * (z.ndim - 1))) if G > 1 else z
 
+    if G > 1:
+        image = image.repeat(G, *([1] * (image.ndim - 1)))
     xt = draw()
     kept: List[NetworkOutput] = []
     for j, k in enumerate(range(K, 0, -1)):
         i = k - 1
         t_k = int(schedule.timesteps[i])
         t = torch.full((image.shape[0],), t_k, dtype=torch.long, device=image.device)
-        step_mirrors = plan(j, k)
-        if len(step_mirrors) == 1:
-            net_out = mirrored(denoise_fn, step_mirrors[0])(image, xt, t)
+        if chains:
+            net_out = _cat_outputs(groups(denoise_fn, image, xt, t, list(chains)))
         else:
-            net_out = _mean_outputs([mirrored(denoise_fn, axes)(image, xt, t) for axes in step_mirrors])
+            step_mirrors = list(plan(j, k))
+            if len(step_mirrors) == 1:
+                net_out = mirrored(denoise_fn, step_mirrors[0])(image, xt, t)
+            else:
+                M = len(step_mirrors)
+                rep = (M, *([1] * (image.ndim - 1)))
+                net_out = _mean_outputs(groups(denoise_fn, image.repeat(rep), xt.repeat(rep), t.repeat(M),
+                                               step_mirrors))
         x0_hat, output = interpret_output(net_out, xt, float(schedule.alpha_bar[i]), prediction)
         if on_step is not None:
             on_step(k, t_k, x0_hat, output)
@@ -198,4 +277,8 @@ def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule
             abar, abar_prev = float(schedule.alpha_bar[i]), float(schedule.alpha_bar_prev[i])
             eps_hat = (xt - abar ** 0.5 * x0_hat) / (1.0 - abar) ** 0.5
             xt = abar_prev ** 0.5 * x0_hat + (1.0 - abar_prev) ** 0.5 * eps_hat
-    return mean_probability_logits(kept)
+    result = mean_probability_logits(kept)
+    if G > 1:
+        B = image.shape[0] // G
+        result = _mean_outputs([_batch_slice(result, g * B, (g + 1) * B) for g in range(G)])
+    return result

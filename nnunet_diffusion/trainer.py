@@ -5,7 +5,8 @@ nnU-Net methods overridden, each for one reason:
 * ``build_network_architecture`` (a classmethod, so nnU-Net's predictor can call it on
   the class): the planned U-Net with C_img + C inputs, wrapped in :class:`DiffusionUNet`.
 * ``train_step``: the stock step runs ``network(data)``; a diffusion step needs the
-  label to build the noisy mask and a recycle pass first; non-finite losses skip the update.
+  label to build the noisy mask and a recycle pass first; non-finite losses skip the update
+  (under DDP on every rank together: one all-reduce of a finite flag before backward).
 * ``initialize``: refuse label set-ups the method does not define (regions, ignore label).
 * ``save_checkpoint`` / ``load_checkpoint``: atomic writes, recorded diffusion settings,
   clear refusal of corrupt or mismatched checkpoints.
@@ -151,12 +152,13 @@ class DiffusionTrainer(nnUNetTrainer):
             noisy = self.make_noisy_batch(data, target)
             loss = self.compute_loss(data, target, noisy)
 
-        if not torch.isfinite(loss):
+        if not self._all_finite(loss):
             # e.g. an fp16 overflow: skip this update (as nnU-Net's grad scaler skips inf gradients) rather
-            # than write NaN into the weights; the optimiser state is untouched
+            # than write NaN into the weights; the optimiser state is untouched. Under DDP the decision is
+            # collective: every rank skips when any rank's loss is not finite
             self.skipped_updates += 1
-            self.print_to_log_file(f"non-finite loss ({loss.item()}) in epoch {self.current_epoch}: update skipped "
-                                   f"({self.skipped_updates} so far)")
+            self.print_to_log_file(f"non-finite loss (this rank: {loss.item()}) in epoch {self.current_epoch}: "
+                                   f"update skipped ({self.skipped_updates} so far)")
             self.optimizer.zero_grad(set_to_none=True)
             return {'loss': loss.detach().cpu().numpy()}
 
@@ -171,6 +173,14 @@ class DiffusionTrainer(nnUNetTrainer):
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
         return {'loss': loss.detach().cpu().numpy()}
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on this rank and, under DDP, on every rank (one all-reduce)."""
+        finite = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
+        if self.is_ddp:
+            import torch.distributed as dist
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
 
 
 def atomic_torch_save(obj: dict, filename: str) -> None:

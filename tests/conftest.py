@@ -82,6 +82,13 @@ def trained_3d(env):
     return _fold(env, TR)
 
 
+@pytest.fixture(scope="session")
+def trained_stock_3d(env):
+    """Stock nnUNetTrainer on the same data, split and budget as ``trained_3d``."""
+    _train(env, "nnUNetTrainer_2ep3it")
+    return _fold(env, "nnUNetTrainer_2ep3it")
+
+
 @pytest.fixture
 def inproc(env, monkeypatch):
     """The nnU-Net variables of ``env`` in this process (for in-process trainers and predictors)."""

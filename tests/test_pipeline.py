@@ -115,8 +115,7 @@ def test_predict_with_stock_command_matches_direct_network_call(env, trained_3d,
     assert 0.0 <= summary["foreground_mean"]["Dice"] <= 1.0
 
 
-def test_find_best_configuration_against_stock(env, trained_3d):
-    _train(env, "nnUNetTrainer_2ep3it")
+def test_find_best_configuration_against_stock(env, trained_3d, trained_stock_3d):
     proc = run([f"{BIN}/nnUNetv2_find_best_configuration", "990", "-c", "3d_fullres", "-tr",
                 "nnUNetTrainer_2ep3it", TR, "-f", "0", "--disable_ensembling", "-np", "1"], env=env)
     result = json.load(open(os.path.join(env["nnUNet_results"], DATASET, "inference_information.json")))
@@ -124,3 +123,37 @@ def test_find_best_configuration_against_stock(env, trained_3d):
     assert set(scores) == {f"{TR}__nnUNetPlans__3d_fullres", "nnUNetTrainer_2ep3it__nnUNetPlans__3d_fullres"}, \
         proc.stdout[-2000:]
     assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+def test_ensemble_with_stock_and_uncertainty_report(env, trained_3d, trained_stock_3d, tmp_path):
+    """nnUNetv2_ensemble averages a diffusion and a stock --save_probabilities folder as they are; the
+    uncertainty command scores both folders (our entropy map, stock's softmax entropy) with one code."""
+    inp, gt = tmp_path / "in", tmp_path / "gt"
+    inp.mkdir()
+    gt.mkdir()
+    for case in ("case_003", "case_007"):
+        shutil.copy(os.path.join(env["raw"], "imagesTr", f"{case}_0000.nii.gz"), inp)
+        shutil.copy(os.path.join(env["raw"], "labelsTr", f"{case}.nii.gz"), gt)
+    common = ["-i", str(inp), "-d", "990", "-c", "3d_fullres", "-f", "0", "-device", "cpu", "--save_probabilities",
+              "-npp", "1", "-nps", "1"]
+    diff, stock, ens = tmp_path / "diffusion", tmp_path / "stock", tmp_path / "ensemble"
+    run([f"{BIN}/nnUNetv2_predict_diffusion", *common, "-o", str(diff), "-tr", TR, "--num-samples", "2",
+         "--uncertainty", "--tta", "off"], env=env)
+    run([f"{BIN}/nnUNetv2_predict", *common, "-o", str(stock), "-tr", "nnUNetTrainer_2ep3it", "--disable_tta"],
+        env=env)
+    run([f"{BIN}/nnUNetv2_ensemble", "-i", str(diff), str(stock), "-o", str(ens), "-np", "1"], env=env)
+    for case in ("case_003", "case_007"):
+        p = (np.load(diff / f"{case}.npz")["probabilities"] + np.load(stock / f"{case}.npz")["probabilities"]) / 2
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(ens / f"{case}.nii.gz")))
+        top2 = np.sort(p, axis=0)[-2:]
+        clear = (top2[1] - top2[0]) > 1e-3
+        assert np.array_equal(seg[clear], p.argmax(0)[clear])
+    rep = tmp_path / "report"
+    run([f"{BIN}/nnunet-diffusion", "uncertainty", str(gt), str(diff), str(stock), "-o", str(rep),
+         "--map", "entropy", "probabilities", "--names", "diffusion", "stock"], env=env)
+    report = json.load(open(rep / "report.json"))
+    assert report["cases"] == ["case_003", "case_007"]
+    for name in ("diffusion", "stock"):
+        r = report["methods"][name]
+        assert r["calibration"] is not None and 0 <= r["calibration"]["ece"] <= 1
+        assert r["voxel"]["auroc"] is None or 0 <= r["voxel"]["auroc"] <= 1

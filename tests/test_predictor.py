@@ -30,24 +30,30 @@ def _predictor(trained_3d, **kw):
 
 
 class CallCounter:
+    """Counts forward calls and evaluations (batch elements: one tile each, mirrored or not)."""
     def __init__(self, net):
-        self.denoise, self.calls = net.denoise, 0
+        self.denoise, self.calls, self.evaluations = net.denoise, 0, 0
         net.denoise = self
 
     def __call__(self, *a):
         self.calls += 1
+        self.evaluations += a[0].shape[0]
         return self.denoise(*a)
 
 
-@pytest.mark.parametrize("tta,expected_per_tile", [("chain", 5), ("final", 5 - 1 + 8), ("full", 5 * 8), ("off", 5)])
-def test_network_calls_per_tile(trained, tta, expected_per_tile):
-    p = _predictor(trained, tta=tta)
+@pytest.mark.parametrize("tta,evaluations,batched_calls,mirror_batch", [
+    ("chain", 5, 5, None), ("final", 5 - 1 + 8, 5, None), ("final", 5 - 1 + 8, 5, 1), ("full", 5 * 8, 5, None),
+    ("off", 5, 5, None)])
+def test_network_calls_per_tile(trained, tta, evaluations, batched_calls, mirror_batch):
+    p = _predictor(trained, tta=tta, mirror_batch=mirror_batch)
     counter = CallCounter(p.diffusion_network)
     image = torch.randn(1, 30, 30, 24)  # larger than the 20x24x20 patch: several tiles
     p.predict_sliding_window_return_logits(image)
     n_tiles = len(p._slicers)
     assert n_tiles > 1
-    assert counter.calls == expected_per_tile * n_tiles
+    assert counter.evaluations == evaluations * n_tiles
+    # batched mirroring: all mirrored copies of a step in one call; mirror_batch=1: one call per copy
+    assert counter.calls == (batched_calls if mirror_batch is None else evaluations) * n_tiles
 
 
 def _position_net(num_classes=3):
@@ -82,13 +88,15 @@ def _reference_chain(fn, x, noise, schedule, plan):
 
 
 @pytest.mark.parametrize("dim", [2, 3])
-@pytest.mark.parametrize("tta", ["off", "chain", "final", "full"])
-def test_tta_modes_unmirror_outputs(trained, tta, dim):
+@pytest.mark.parametrize("tta,mirror_batch", [("off", None), ("chain", None), ("final", None), ("final", 1),
+                                              ("final", 3), ("full", None), ("full", 1), ("full", 3)])
+def test_tta_modes_unmirror_outputs(trained, tta, mirror_batch, dim):
     """Each mode's output equals an independent reference loop that flips inputs and outputs by hand, on a
-    network whose output depends on position (a missing flip-back changes it), K = 5, 2D and 3D."""
+    network whose output depends on position (a missing flip-back changes it), K = 5, 2D and 3D; batched
+    mirroring (all copies in one call, 3 per call, or one per call) gives the same result."""
     from nnunet_diffusion.noise import chain_noise
     from nnunet_diffusion.predictor import mirror_combinations, mirror_plan
-    p = _predictor(trained, tta=tta)
+    p = _predictor(trained, tta=tta, mirror_batch=mirror_batch)
     net = p.diffusion_network
     fn = _position_net()
     net.denoise = fn

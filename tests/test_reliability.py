@@ -39,49 +39,48 @@ def _resume_and_finish(env, fold):
     assert not [f for f in os.listdir(fold) if ".tmp" in f]
 
 
-def test_sigkill_right_after_a_checkpoint_save_then_resume(env):
-    fold = _fold(env, KILL_TR)
-    shutil.rmtree(os.path.dirname(fold), ignore_errors=True)
-    latest = os.path.join(fold, "checkpoint_latest.pth")
-    proc = subprocess.Popen([f"{BIN}/nnUNetv2_train", "990", "3d_fullres", "0", "-tr", KILL_TR, "-device", "cpu"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: os.path.isfile(latest), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert _loads(latest) >= 1
-    _resume_and_finish(env, fold)
-
-
-SLOW_SAVE = r"""
-import os, sys, time, torch
+TORN_SAVE = r"""
+import io, os, sys, time, torch
 marker = sys.argv[1]
 orig = torch.save
 count = [0]
-def slow_save(obj, f, *a, **k):
-    orig(obj, f, *a, **k)
+def torn_save(obj, f, *a, **k):
     name = getattr(f, "name", str(f))
     if "checkpoint_latest" in name:
         count[0] += 1
-        if count[0] == 2:   # the second save of checkpoint_latest: written, flushed, not yet renamed
+        if count[0] == 2:   # the second save of checkpoint_latest: half of its bytes reach the disk, then SIGKILL
+            buf = io.BytesIO()
+            orig(obj, buf, *a, **k)
+            data = buf.getvalue()
+            fh = f if hasattr(f, "write") else open(f, "wb")
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            os.fsync(fh.fileno())
             open(marker, "w").close()
             time.sleep(600)
-torch.save = slow_save
+    return orig(obj, f, *a, **k)
+torch.save = torn_save
 from nnunetv2.run.run_training import run_training
 run_training("990", "3d_fullres", 0, sys.argv[2], device=torch.device("cpu"))
 """
 
 
-def test_sigkill_during_a_checkpoint_save_then_resume(env, tmp_path):
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(env, tmp_path):
+    """A real partial write: the process dies with half of the new checkpoint written. checkpoint_latest.pth
+    must still be the previous, complete one (a plain torch.save to it would leave it torn)."""
     fold = _fold(env, KILL_TR)
     shutil.rmtree(os.path.dirname(fold), ignore_errors=True)
     marker = tmp_path / "saving"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(marker), KILL_TR], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", TORN_SAVE, str(marker), KILL_TR], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for(marker.exists, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     latest = os.path.join(fold, "checkpoint_latest.pth")
-    assert [f for f in os.listdir(fold) if f.startswith("checkpoint_latest.pth.tmp")]  # the torn write
+    torn = [f for f in os.listdir(fold) if f.startswith("checkpoint_latest.pth.tmp")]
+    assert torn  # the half-written file is the temporary one
+    with pytest.raises(Exception):
+        torch.load(os.path.join(fold, torn[0]), map_location="cpu", weights_only=False)
     assert _loads(latest) == 1  # the previous, complete save
     _resume_and_finish(env, fold)
 
@@ -134,6 +133,18 @@ def test_non_finite_loss_skips_the_update(make_trainer):
     batch = next(tr.dataloader_train)
     assert np.isfinite(tr.train_step(batch)["loss"])
     assert any(not torch.equal(before[k], v) for k, v in tr.network.state_dict().items())
+
+
+def test_checkpoint_keeps_every_key_of_the_stock_checkpoint(make_trainer, tmp_path):
+    """DiffusionTrainer.save_checkpoint writes its own dictionary (to add the settings and write atomically);
+    a key that nnU-Net's save_checkpoint writes and ours drops (e.g. after an nnU-Net upgrade) fails here."""
+    for name in ("nnUNetTrainer_1ep1it", "DiffusionTrainer_1ep1it"):
+        make_trainer(name).save_checkpoint(str(tmp_path / f"{name}.pth"))
+    stock = torch.load(tmp_path / "nnUNetTrainer_1ep1it.pth", map_location="cpu", weights_only=False)
+    ours = torch.load(tmp_path / "DiffusionTrainer_1ep1it.pth", map_location="cpu", weights_only=False)
+    assert set(ours) - set(stock) == {"diffusion"}
+    assert set(stock) <= set(ours), f"keys nnU-Net writes and DiffusionTrainer drops: {set(stock) - set(ours)}"
+    assert ours["trainer_name"] == "DiffusionTrainer_1ep1it" and ours["current_epoch"] == stock["current_epoch"]
 
 
 @pytest.mark.parametrize("kind", ["ignore", "regions"])

@@ -170,3 +170,38 @@ def test_average_last_is_the_mean_of_the_recorded_step_probabilities():
         expected = sum(torch.softmax(steps[k], 1) for k in range(1, m + 1)) / m
         torch.testing.assert_close(torch.softmax(avg, 1), expected)
         assert not torch.allclose(torch.softmax(avg, 1), torch.softmax(last, 1))
+
+
+def test_mirrored_groups_fall_back_when_memory_runs_out():
+    """A network that fails on batches larger than 2 with CUDA's out-of-memory message: the groups per call are
+    halved (8 -> 4 -> 2) and the outputs equal one call per mirroring; other errors are not swallowed."""
+    from nnunet_diffusion.sampling import MirroredGroups
+    torch.manual_seed(0)
+    w = torch.randn(3, 3, 1, 1, 1)
+
+    def net(image, xt, t):
+        if image.shape[0] > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        ramp = torch.arange(xt.shape[-1], dtype=torch.float32)
+        return torch.nn.functional.conv3d(xt, w) + image * ramp + t.view(-1, 1, 1, 1, 1)
+
+    groups = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
+    image, xt = torch.randn(8, 1, 3, 4, 5), torch.randn(8, 3, 3, 4, 5)
+    t = torch.arange(8)
+    batched = MirroredGroups()
+    out = batched(net, image, xt, t, groups)
+    assert batched.per_call == 2 and batched.calls == 4
+    one = MirroredGroups(1)
+    ref = one(net, image, xt, t, groups)
+    assert one.calls == 8
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b)
+    # each group's output is un-mirrored: equal to calling the network on that group by hand
+    g = 4
+    by_hand = torch.flip(net(torch.flip(image[g:g + 1], (2, 3)), torch.flip(xt[g:g + 1], (2, 3)), t[g:g + 1]), (2, 3))
+    torch.testing.assert_close(out[g], by_hand)
+
+    def broken(image, xt, t):
+        raise RuntimeError("shape mismatch")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        MirroredGroups()(broken, image, xt, t, groups)

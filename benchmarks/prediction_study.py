@@ -1,0 +1,220 @@
+"""Prediction modes, uncertainty and the ensemble with stock, measured on one trained diffusion model against
+the stock model trained on the same split and budget (Hippocampus fold 0, the accuracy study's models).
+
+    python benchmarks/prediction_study.py -o results/Dataset004_Hippocampus/prediction_cpu_12x50 \\
+        --trainer DiffusionTrainer_supervisedRecycleFromNoise_12ep50it --stock nnUNetTrainer_12ep50it
+
+Needs nnUNet_raw/_preprocessed/_results set as for the accuracy study (benchmarks/accuracy_protocol.py, which
+trains both models and links the validation images). Every prediction goes through the real commands
+(``nnUNetv2_predict_diffusion`` / ``nnUNetv2_predict``, ``-npp 1 -nps 1``), one at a time, each timed from
+start to end (the same model loading in every run, so the per-case seconds include it). Resumable: a finished
+folder (``done`` marker) is reused.
+
+1. TTA modes (``--modes``, default full final chain off): Dice per case, seconds per case, paired t-test of
+   each mode against ``full``; the rule for the default: the cheapest mode whose mean Dice is within 0.005
+   of ``full``. Stock with its default mirroring and with ``--disable_tta`` is timed on the same cases;
+   every ratio says what it is a ratio to.
+2. Uncertainty (``nnunet-diffusion uncertainty``): stock's softmax entropy (its ``--save_probabilities``),
+   the diffusion model's entropy with one sample (the chosen mode), and with ``--num-samples N`` (entropy and
+   mutual information).
+3. Ensemble: ``nnUNetv2_ensemble`` of the diffusion and the stock probabilities, compared with stock alone
+   (``nnunet-diffusion compare``: paired tests on per-case Dice).
+
+Writes prediction.json (every per-case value, command, timing, machine, versions) and prediction.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from accuracy_protocol import CONFIG, DATASET, DATASET_ID, bin_, sh, val_images  # noqa: E402
+
+RULE = 0.005
+
+
+def predict(cmd: List[str], folder: str, log: str) -> float:
+    """Run one prediction into ``folder`` unless done; returns its wall-clock seconds (recorded in ``done``)."""
+    done = os.path.join(folder, "done")
+    if os.path.isfile(done):
+        return float(open(done).read().strip() or "nan")
+    import shutil
+    shutil.rmtree(folder, ignore_errors=True)
+    t0 = time.perf_counter()
+    sh(cmd + ["-o", folder], log)
+    seconds = time.perf_counter() - t0
+    with open(done, "w") as f:
+        f.write(f"{seconds:.2f}\n")
+    return seconds
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-o", required=True, help="results folder (prediction.json, prediction.md, reports)")
+    ap.add_argument("--trainer", required=True, help="diffusion trainer folder name, e.g. DiffusionTrainer_12ep50it")
+    ap.add_argument("--stock", required=True, help="stock trainer on the same split and budget")
+    ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("-device", default="cpu")
+    ap.add_argument("--modes", nargs="+", default=["full", "final", "chain", "off"])
+    ap.add_argument("--num-samples", type=int, default=5, help="samples for the uncertainty run (default 5)")
+    ap.add_argument("--uncertainty-mode", default=None,
+                    help="TTA mode of the uncertainty and ensemble runs (default: the one the rule picks)")
+    args = ap.parse_args(argv)
+
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
+
+    from nnunet_diffusion.evaluation import compare, evaluate_folders, paired_tests
+    from nnunet_diffusion.machine import machine_info
+    from nnunet_diffusion.uncertainty import uncertainty_report
+
+    out = os.path.abspath(args.o)
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    log = os.path.join(out, "logs", "predict.log")
+    work = os.path.join(str(nnUNet_results), DATASET, "accuracy_protocol_work")
+    cases = val_images(args.fold, work)
+    images = os.path.join(work, "images")
+    gt = os.path.join(str(nnUNet_preprocessed), DATASET, "gt_segmentations")
+    base = ["-i", images, "-d", DATASET_ID, "-c", CONFIG, "-f", str(args.fold), "-device", args.device,
+            "-npp", "1", "-nps", "1", "--save_probabilities"]
+    study = os.path.join(work, "prediction_study", args.trainer)
+    result_path = os.path.join(out, "prediction.json")
+    result = json.load(open(result_path)) if os.path.isfile(result_path) else {}
+    result.update({"dataset": DATASET, "configuration": CONFIG, "fold": args.fold, "num_cases": len(cases),
+                   "trainer": args.trainer, "stock": args.stock, "device": args.device,
+                   "machine": machine_info(args.device),
+                   "command": "python benchmarks/prediction_study.py " + " ".join(argv or sys.argv[1:])})
+
+    def save():
+        with open(result_path, "w") as f:
+            json.dump(result, f, indent=1)
+
+    def dice_of(folder):
+        ev = evaluate_folders(gt, folder)
+        return {c: v["case"]["dice"] for c, v in ev["cases"].items()}
+
+    # 1. TTA modes and stock timings
+    runs = result.setdefault("runs", {})
+    for name, cmd, folder in (
+            [(f"stock_mirror", [bin_("nnUNetv2_predict"), *base, "-tr", args.stock],
+              os.path.join(study, "stock_mirror")),
+             (f"stock_off", [bin_("nnUNetv2_predict"), *base, "-tr", args.stock, "--disable_tta"],
+              os.path.join(study, "stock_off"))] +
+            [(f"tta_{m}", [bin_("nnUNetv2_predict_diffusion"), *base, "-tr", args.trainer, "--tta", m,
+                           "--uncertainty"], os.path.join(study, f"tta_{m}")) for m in args.modes]):
+        seconds = predict(cmd, folder, log)
+        runs[name] = {"command": " ".join([os.path.basename(cmd[0]), *cmd[1:], "-o", folder]), "folder": folder,
+                      "seconds": round(seconds, 2), "seconds_per_case": round(seconds / len(cases), 3),
+                      "dice": dice_of(folder)}
+        print(f"{name}: Dice {np.mean(list(runs[name]['dice'].values())):.4f}, "
+              f"{runs[name]['seconds_per_case']:.2f} s/case", flush=True)
+        save()
+    table = []
+    full = runs.get("tta_full")
+    for m in args.modes:
+        r = runs[f"tta_{m}"]
+        row = {"mode": m, "dice": float(np.mean(list(r["dice"].values()))), "seconds_per_case": r["seconds_per_case"],
+               "vs_stock_mirror": r["seconds"] / runs["stock_mirror"]["seconds"],
+               "vs_stock_off": r["seconds"] / runs["stock_off"]["seconds"]}
+        if full is not None:
+            cs = sorted(set(r["dice"]) & set(full["dice"]))
+            a, b = [r["dice"][c] for c in cs], [full["dice"][c] for c in cs]
+            row.update({"delta_vs_full": float(np.mean(a) - np.mean(b)),
+                        "p_vs_full": paired_tests(a, b)["t_pvalue"], "vs_full_time": r["seconds"] / full["seconds"]})
+        table.append(row)
+    chosen = None
+    if full is not None:
+        eligible = [row for row in table if row["delta_vs_full"] >= -RULE]
+        chosen = min(eligible, key=lambda row: row["seconds_per_case"])["mode"]
+    result["tta_table"], result["rule"], result["chosen_mode"] = table, f"cheapest mode with Dice >= full - {RULE}", chosen
+    save()
+
+    # 2. uncertainty: N samples in the chosen mode
+    mode = args.uncertainty_mode or chosen or args.modes[0]
+    ns_folder = os.path.join(study, f"tta_{mode}_samples{args.num_samples}")
+    cmd = [bin_("nnUNetv2_predict_diffusion"), *base, "-tr", args.trainer, "--tta", mode, "--uncertainty",
+           "--num-samples", str(args.num_samples)]
+    seconds = predict(cmd, ns_folder, log)
+    runs[f"samples{args.num_samples}"] = {"command": " ".join([os.path.basename(cmd[0]), *cmd[1:], "-o", ns_folder]),
+                                          "folder": ns_folder, "seconds": round(seconds, 2),
+                                          "seconds_per_case": round(seconds / len(cases), 3),
+                                          "dice": dice_of(ns_folder)}
+    save()
+    one = runs[f"tta_{mode}"]["folder"]
+    n = f"diffusion, {args.num_samples} samples"
+    rep = uncertainty_report(gt, [runs["stock_mirror"]["folder"], one, ns_folder, ns_folder],
+                             os.path.join(out, "uncertainty"),
+                             maps=["probabilities", "entropy", "entropy", "mutual_info"],
+                             names=["stock (softmax entropy)", "diffusion, 1 sample (entropy)", f"{n} (entropy)",
+                                    f"{n} (mutual information)"])
+    result["uncertainty"] = {k: {"dice": v["dice"]["mean"], "voxel_auroc": v["voxel"]["auroc"],
+                                 "voxel_auprc": v["voxel"]["auprc"],
+                                 "ece": (v["calibration"] or {}).get("ece"),
+                                 "brier": (v["calibration"] or {}).get("brier"), "qc_spearman": v["qc"]["spearman"],
+                                 "qc_worst_auroc": v["qc"]["worst_auroc"]} for k, v in rep["methods"].items()}
+    result["uncertainty_mode"] = mode
+    save()
+
+    # 3. ensemble with stock (mean of the two probability maps, nnU-Net's own command)
+    ens = os.path.join(study, f"ensemble_{mode}_samples{args.num_samples}_stock")
+    if not os.path.isfile(os.path.join(ens, "done")):
+        sh([bin_("nnUNetv2_ensemble"), "-i", ns_folder, runs["stock_mirror"]["folder"], "-o", ens, "-np", "1"], log)
+        open(os.path.join(ens, "done"), "w").close()
+    report = compare(ens, runs["stock_mirror"]["folder"], gt, os.path.join(out, "ensemble_vs_stock"),
+                     names=["diffusion + stock ensemble", "stock"])
+    result["ensemble"] = {"members": [ns_folder, runs["stock_mirror"]["folder"]],
+                          "dice": report["summary"]["diffusion + stock ensemble"]["case"]["dice"]["mean"],
+                          "stock_dice": report["summary"]["stock"]["case"]["dice"]["mean"],
+                          "t_pvalue": report["tests"]["t_pvalue"], "verdict": report["verdict"]}
+    save()
+    write_md(result, out)
+    print(open(os.path.join(out, "prediction.md")).read())
+    return 0
+
+
+def write_md(result: Dict, out: str) -> None:
+    from nnunet_diffusion.machine import describe
+    runs = result["runs"]
+    lines = [f"# Prediction study: {result['trainer']} vs {result['stock']}", "",
+             f"{result['dataset']} {result['configuration']}, fold {result['fold']} ({result['num_cases']} validation "
+             f"cases); {describe(result['device'], result['machine'])}. One run per row; seconds per case = "
+             "wall-clock of the whole command / cases (model loading included, the same in every run).", "",
+             f"Command: `{result['command']}`", "",
+             "## TTA modes", "",
+             "| mode | Dice | Δ vs full | p vs full | s / case | time vs full | time vs stock (mirroring) | "
+             "time vs stock (--disable_tta) |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["tta_table"]:
+        lines.append(f"| {r['mode']} | {r['dice']:.4f} | {r.get('delta_vs_full', float('nan')):+.4f} | "
+                     f"{r.get('p_vs_full', float('nan')):.2g} | {r['seconds_per_case']:.2f} | "
+                     f"{r.get('vs_full_time', float('nan')):.2f}× | {r['vs_stock_mirror']:.2f}× | {r['vs_stock_off']:.2f}× |")
+    for name in ("stock_mirror", "stock_off"):
+        r = runs[name]
+        lines.append(f"| stock, {'mirroring' if name == 'stock_mirror' else '--disable_tta'} | "
+                     f"{np.mean(list(r['dice'].values())):.4f} | | | {r['seconds_per_case']:.2f} | | | |")
+    lines += ["", f"Rule: {result['rule']} → **{result['chosen_mode']}**."]
+    if "uncertainty" in result:
+        lines += ["", f"## Uncertainty (TTA {result['uncertainty_mode']}; report: `uncertainty/report.md`)", "",
+                  "| method | Dice | voxel AUROC | AUPRC | ECE | Brier | case-QC Spearman | worst-10% AUROC |",
+                  "|---|---|---|---|---|---|---|---|"]
+
+        def f(v, d=3):
+            return "–" if v is None else f"{v:.{d}f}"
+        for name, u in result["uncertainty"].items():
+            lines.append(f"| {name} | {f(u['dice'], 4)} | {f(u['voxel_auroc'])} | {f(u['voxel_auprc'])} | "
+                         f"{f(u['ece'], 4)} | {f(u['brier'], 4)} | {f(u['qc_spearman'])} | {f(u['qc_worst_auroc'])} |")
+    if "ensemble" in result:
+        e = result["ensemble"]
+        lines += ["", "## Ensemble with stock (`nnUNetv2_ensemble`, mean of the probabilities)", "",
+                  f"Dice {e['dice']:.4f} vs stock {e['stock_dice']:.4f} (paired t-test p = {e['t_pvalue']:.3g}): "
+                  f"{e['verdict']}. Report: `ensemble_vs_stock/report.md`."]
+    with open(os.path.join(out, "prediction.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""How good is an uncertainty map? Error detection, calibration and case-level quality control.
+
+One scorer for every method, so a diffusion model's maps and stock nnU-Net's softmax entropy are judged by
+the same code (``nnunet-diffusion uncertainty``). Per method, a prediction folder holds for every case
+``CASE.nii.gz`` (the label map) and either
+
+* ``CASE_entropy.nii.gz`` / ``CASE_mutual_info.nii.gz`` (``nnUNetv2_predict_diffusion --uncertainty``), or
+* ``CASE.npz`` (any nnU-Net prediction with ``--save_probabilities``; key ``probabilities``, ``(C, *image)``):
+  the map is then the predictive entropy of those probabilities (natural log).
+
+Calibration (ECE, Brier score, reliability diagram) needs probabilities: it is computed when ``CASE.npz``
+exists, whatever the map.
+
+Region scored (voxel metrics): the union of reference and predicted foreground, dilated by ``margin_mm``
+(Euclidean distance in mm, image spacing), so that the easy background far from the structure, which is
+almost all of the image, does not decide the numbers. Outside the region nothing is scored.
+
+Metrics:
+
+* error detection: voxel wrongly labelled = prediction != reference. AUROC (Mann–Whitney, ties count one
+  half: a constant map scores exactly 0.5) and AUPRC (average precision over the distinct thresholds; a
+  constant map scores the error rate) of the map as a score for "error", pooled over all voxels of all
+  cases and per case (mean over the cases that have both errors and correct voxels in the region);
+* calibration: top-label ECE (``bins`` equal-width confidence bins, confidence = max probability, correct =
+  argmax equals the reference), multi-class Brier score (sum over classes of the squared difference to the
+  one-hot reference, mean over voxels), pooled over the region of all cases;
+* case-level quality control: the case's uncertainty is the mean of its map over the predicted foreground
+  (the whole region if nothing is predicted); Spearman's rho between it and the case Dice (negative is
+  good: uncertain cases are the bad ones) and the AUROC of flagging the worst ``ceil(qc_fraction * n)``
+  cases (lowest Dice) by it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from scipy import ndimage, stats
+
+MAPS = ("entropy", "mutual_info", "probabilities")
+
+
+# ---------------------------------------------------------------------------------------------- scores
+def auroc(score: np.ndarray, positive: np.ndarray) -> Optional[float]:
+    """Area under the ROC curve of ``score`` for ``positive`` (ties count one half); None if one class is empty."""
+    score = np.asarray(score, dtype=np.float64).ravel()
+    positive = np.asarray(positive, dtype=bool).ravel()
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = stats.rankdata(score)  # average ranks for ties
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def average_precision(score: np.ndarray, positive: np.ndarray) -> Optional[float]:
+    """Area under the precision-recall curve as average precision: sum over the distinct thresholds (high to
+    low) of (recall increase) x precision. None if there is no positive."""
+    score = np.asarray(score, dtype=np.float64).ravel()
+    positive = np.asarray(positive, dtype=bool).ravel()
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        return None
+    order = np.argsort(-score, kind="mergesort")
+    s, p = score[order], positive[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # last index of each group of equal scores
+    tp = np.cumsum(p)[last]
+    precision = tp / (last + 1.0)
+    recall_step = np.diff(np.r_[0, tp]) / n_pos
+    return float(np.sum(recall_step * precision))
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> Dict:
+    """Equal-width confidence bins on [0, 1]: count, mean confidence and accuracy per bin, and the ECE
+    (sum over bins of count/N x |accuracy - confidence|)."""
+    confidence = np.asarray(confidence, dtype=np.float64).ravel()
+    correct = np.asarray(correct, dtype=np.float64).ravel()
+    if confidence.size == 0:
+        raise ValueError("no voxels to compute the calibration on")
+    index = np.clip((confidence * bins).astype(np.int64), 0, bins - 1)
+    count = np.bincount(index, minlength=bins).astype(np.float64)
+    conf_sum = np.bincount(index, confidence, minlength=bins)
+    acc_sum = np.bincount(index, correct, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf, accuracy = conf_sum / count, acc_sum / count
+    ece = float(np.sum(np.abs(acc_sum - conf_sum)) / confidence.size)
+    return {"ece": ece, "bins": bins, "count": count.astype(int).tolist(),
+            "confidence": [None if c == 0 else float(v) for c, v in zip(count, mean_conf)],
+            "accuracy": [None if c == 0 else float(v) for c, v in zip(count, accuracy)]}
+
+
+def brier(probabilities: np.ndarray, reference: np.ndarray) -> float:
+    """Multi-class Brier score: mean over voxels of sum_c (p_c - [ref == c])^2. ``probabilities`` is ``(C, N)``."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    onehot = np.zeros_like(probabilities)
+    onehot[np.asarray(reference, dtype=np.int64), np.arange(probabilities.shape[1])] = 1.0
+    return float(np.mean(np.sum((probabilities - onehot) ** 2, axis=0)))
+
+
+def entropy_of(probabilities: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Predictive entropy (natural log) over ``axis``."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0)
+    return -np.sum(p * np.log(p), axis=axis)
+
+
+def region_of(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], margin_mm: float) -> np.ndarray:
+    """Reference or predicted foreground, dilated by ``margin_mm`` (Euclidean, in mm)."""
+    foreground = (ref > 0) | (pred > 0)
+    if not foreground.any():
+        return foreground
+    if margin_mm <= 0:
+        return foreground
+    return ndimage.distance_transform_edt(~foreground, sampling=[float(s) for s in spacing]) <= margin_mm
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _read(path: str):
+    import SimpleITK as sitk
+    img = sitk.ReadImage(path)
+    return sitk.GetArrayFromImage(img), tuple(reversed(img.GetSpacing()))
+
+
+def _load_probabilities(path: str, shape) -> np.ndarray:
+    with np.load(path) as f:
+        if "probabilities" not in f:
+            raise ValueError(f"{path} has no 'probabilities' array (write it with --save_probabilities)")
+        probs = f["probabilities"].astype(np.float32)
+    if tuple(probs.shape[1:]) != tuple(shape):
+        raise ValueError(f"{path}: probabilities {probs.shape} do not match the label map {tuple(shape)}")
+    return probs
+
+
+def method_cases(ref_folder: str, pred_folder: str, map_name: str, file_ending: str = ".nii.gz") -> Dict[str, Dict]:
+    """Case -> files of one method: {'ref', 'pred', 'map' (None: entropy of the npz), 'npz' (or None)}."""
+    from nnunet_diffusion.evaluation import _label_files
+    if map_name not in MAPS:
+        raise ValueError(f"map must be one of {MAPS}, got {map_name!r}")
+    refs, preds = _label_files(ref_folder, file_ending), _label_files(pred_folder, file_ending)
+    cases: Dict[str, Dict] = {}
+    missing = []
+    for c in sorted(set(refs) & set(preds)):
+        folder = os.path.dirname(preds[c])
+        npz = os.path.join(folder, c + ".npz")
+        npz = npz if os.path.isfile(npz) else None
+        if map_name == "probabilities":
+            unc = None
+            if npz is None:
+                missing.append(f"{c}.npz")
+                continue
+        else:
+            unc = os.path.join(folder, f"{c}_{map_name}{file_ending}")
+            if not os.path.isfile(unc):
+                missing.append(os.path.basename(unc))
+                continue
+        cases[c] = {"ref": refs[c], "pred": preds[c], "map": unc, "npz": npz}
+    if not cases:
+        hint = ("predict with --save_probabilities" if map_name == "probabilities" else
+                "predict with nnUNetv2_predict_diffusion --uncertainty, or use --probabilities with a "
+                "--save_probabilities folder")
+        raise ValueError(f"{pred_folder}: no case has a prediction and its {map_name} map "
+                         f"(missing e.g. {', '.join(missing[:3]) or 'all predictions'}); {hint}")
+    if missing:
+        raise ValueError(f"{pred_folder}: {len(missing)} case(s) lack their {map_name} map, e.g. "
+                         f"{', '.join(missing[:3])}")
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def score_method(cases: Dict[str, Dict], labels: Optional[Sequence[int]] = None, margin_mm: float = 3.0,
+                 bins: int = 15, qc_fraction: float = 0.1) -> Dict:
+    """Every metric of the module docstring for one method (``cases`` from :func:`method_cases`)."""
+    from nnunet_diffusion.evaluation import case_metrics
+    loaded = {}
+    found = set()
+    for c, files in cases.items():
+        ref, spacing = _read(files["ref"])
+        pred, _ = _read(files["pred"])
+        if ref.shape != pred.shape:
+            raise ValueError(f"case {c}: prediction shape {pred.shape} differs from reference {ref.shape}")
+        loaded[c] = (ref, pred, spacing)
+        found |= set(np.unique(ref).tolist()) | set(np.unique(pred).tolist())
+    if labels is None:
+        labels = sorted(int(v) for v in found if v != 0)
+    scores, errors, conf, correct = [], [], [], []
+    brier_sum, n_cal = 0.0, 0
+    per_case: Dict[str, Dict] = {}
+    for c, (ref, pred, spacing) in loaded.items():
+        files = cases[c]
+        probs = _load_probabilities(files["npz"], ref.shape) if files["npz"] else None
+        if files["map"] is not None:
+            unc, _ = _read(files["map"])
+            if unc.shape != ref.shape:
+                raise ValueError(f"case {c}: map shape {unc.shape} differs from reference {ref.shape}")
+            unc = unc.astype(np.float64)
+        else:
+            unc = entropy_of(probs, 0)
+        if not np.isfinite(unc).all():
+            raise ValueError(f"case {c}: the uncertainty map has NaN or Inf values")
+        region = region_of(ref, pred, spacing, margin_mm)
+        err = (pred != ref)[region]
+        u = unc[region]
+        scores.append(u)
+        errors.append(err)
+        fg = pred > 0
+        case_unc = float(unc[fg].mean()) if fg.any() else (float(u.mean()) if u.size else 0.0)
+        entry = {"dice": case_metrics(pred, ref, spacing, labels)["case"]["dice"],
+                 "mean_uncertainty": case_unc, "region_voxels": int(region.sum()),
+                 "error_rate": float(err.mean()) if err.size else 0.0,
+                 "auroc": auroc(u, err), "auprc": average_precision(u, err)}
+        if probs is not None:
+            p = probs[:, region]
+            top = p.argmax(0)
+            conf.append(p.max(0))
+            correct.append(top == ref[region])
+            b = brier(p, ref[region]) if p.shape[1] else 0.0
+            brier_sum += b * p.shape[1]
+            n_cal += p.shape[1]
+            entry["brier"] = b
+        per_case[c] = entry
+    s, e = np.concatenate(scores), np.concatenate(errors)
+    case_aurocs = [v["auroc"] for v in per_case.values() if v["auroc"] is not None]
+    case_auprcs = [v["auprc"] for v in per_case.values() if v["auprc"] is not None]
+    result = {"labels": [int(l) for l in labels], "num_cases": len(per_case), "margin_mm": margin_mm,
+              "region_voxels": int(s.size), "error_rate": float(e.mean()) if e.size else 0.0,
+              "voxel": {"auroc": auroc(s, e), "auprc": average_precision(s, e),
+                        "auroc_case_mean": float(np.mean(case_aurocs)) if case_aurocs else None,
+                        "auprc_case_mean": float(np.mean(case_auprcs)) if case_auprcs else None},
+              "calibration": None, "qc": qc_scores(per_case, qc_fraction), "per_case": per_case}
+    if len(conf) == len(per_case) and n_cal:
+        rel = reliability(np.concatenate(conf), np.concatenate(correct), bins)
+        result["calibration"] = {"ece": rel["ece"], "brier": brier_sum / n_cal, "reliability": rel}
+    dice = [v["dice"] for v in per_case.values()]
+    result["dice"] = {"mean": float(np.mean(dice)), "std": float(np.std(dice))}
+    return result
+
+
+def qc_scores(per_case: Dict[str, Dict], fraction: float = 0.1) -> Dict:
+    """Spearman's rho (case mean uncertainty vs Dice) and the AUROC of flagging the worst cases."""
+    cases = sorted(per_case)
+    if len(cases) < 3:
+        return {"spearman": None, "spearman_p": None, "worst_auroc": None, "worst_cases": []}
+    dice = np.array([per_case[c]["dice"] for c in cases])
+    unc = np.array([per_case[c]["mean_uncertainty"] for c in cases])
+    n_worst = max(1, math.ceil(fraction * len(cases)))
+    worst = np.zeros(len(cases), dtype=bool)
+    worst[np.argsort(dice, kind="mergesort")[:n_worst]] = True
+    if np.ptp(unc) == 0 or np.ptp(dice) == 0:
+        rho, p = None, None
+    else:
+        r = stats.spearmanr(unc, dice)
+        rho, p = float(r.statistic if hasattr(r, "statistic") else r[0]), float(r.pvalue)
+    return {"spearman": rho, "spearman_p": p, "fraction": fraction, "worst_auroc": auroc(unc, worst),
+            "worst_cases": [c for c, w in zip(cases, worst) if w]}
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _f(v, digits=3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def uncertainty_report(ref_folder: str, pred_folders: Sequence[str], out_dir: str,
+                       maps: Sequence[str] = ("entropy",), names: Optional[Sequence[str]] = None,
+                       labels: Optional[Sequence[int]] = None, margin_mm: float = 3.0, bins: int = 15,
+                       qc_fraction: float = 0.1, file_ending: str = ".nii.gz") -> Dict:
+    """Score one or more methods on the cases all of them have; write report.json, report.md and
+    reliability.png to ``out_dir``."""
+    pred_folders = list(pred_folders)
+    maps = list(maps)
+    if len(maps) == 1:
+        maps = maps * len(pred_folders)
+    if len(maps) != len(pred_folders):
+        raise ValueError(f"give one map for all methods or one per method: {len(maps)} maps for "
+                         f"{len(pred_folders)} prediction folders")
+    if names is None:
+        names = [f"{os.path.basename(os.path.normpath(p))} ({m})" for p, m in zip(pred_folders, maps)]
+    names = list(names)
+    if len(names) != len(pred_folders) or len(set(names)) != len(names):
+        raise ValueError(f"--names needs one distinct name per prediction folder, got {names}")
+    if not 0 < qc_fraction < 1:
+        raise ValueError(f"qc fraction must be in (0, 1), got {qc_fraction}")
+    if margin_mm < 0:
+        raise ValueError(f"margin must be >= 0 mm, got {margin_mm}")
+    per_method = [method_cases(ref_folder, p, m, file_ending) for p, m in zip(pred_folders, maps)]
+    common = sorted(set.intersection(*(set(c) for c in per_method)))
+    if not common:
+        raise ValueError("no case is scored by every method")
+    if labels is None:
+        from nnunet_diffusion.evaluation import _label_files
+        found = set()
+        refs = _label_files(ref_folder, file_ending)
+        for c in common:
+            found |= set(np.unique(_read(refs[c])[0]).tolist())
+        labels = sorted(int(v) for v in found if v != 0)
+    methods = {}
+    for name, folder, m, cases in zip(names, pred_folders, maps, per_method):
+        print(f"scoring {name}: {len(common)} cases", flush=True)
+        r = score_method({c: cases[c] for c in common}, labels, margin_mm, bins, qc_fraction)
+        r.update({"folder": os.path.abspath(folder), "map": m})
+        methods[name] = r
+    report = {"reference": os.path.abspath(ref_folder), "cases": common, "labels": [int(l) for l in labels],
+              "margin_mm": margin_mm, "bins": bins, "qc_fraction": qc_fraction, "methods": methods}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    lines = [f"# Uncertainty: {' vs '.join(names)}", "",
+             f"{len(common)} cases scored against `{os.path.abspath(ref_folder)}`, foreground labels "
+             f"{list(labels)}. Voxel metrics over the reference or predicted foreground dilated by {margin_mm} mm "
+             "(pooled over cases); the map scores 'voxel wrongly labelled'. ECE: top-label, "
+             f"{bins} bins. Case QC: Spearman's rho of the case's mean uncertainty over its predicted foreground "
+             f"with its Dice (negative is good), AUROC of flagging the worst {qc_fraction:.0%} of cases.", "",
+             "| method | map | Dice | voxel AUROC | AUPRC | error rate | ECE | Brier | case-QC Spearman | "
+             "worst-case AUROC |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in methods.items():
+        cal = r["calibration"] or {}
+        lines.append(f"| {name} | {r['map']} | {_f(r['dice']['mean'])} | {_f(r['voxel']['auroc'])} | "
+                     f"{_f(r['voxel']['auprc'])} | {_f(r['error_rate'])} | {_f(cal.get('ece'), 4)} | "
+                     f"{_f(cal.get('brier'), 4)} | {_f(r['qc']['spearman'])} | {_f(r['qc']['worst_auroc'])} |")
+    lines += ["", "Calibration needs `CASE.npz` (`--save_probabilities`); – where a method has none. "
+              "Reliability diagram: `reliability.png`."]
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _reliability_plot(methods, os.path.join(out_dir, "reliability.png"))
+    return report
+
+
+def _reliability_plot(methods: Dict[str, Dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect calibration")
+    plotted = False
+    for name, r in methods.items():
+        if not r["calibration"]:
+            continue
+        rel = r["calibration"]["reliability"]
+        pts = [(c, a) for c, a in zip(rel["confidence"], rel["accuracy"]) if c is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
+                label=f"{name} (ECE {r['calibration']['ece']:.3f})")
+        plotted = True
+    if not plotted:
+        ax.text(0.5, 0.5, "no probabilities (--save_probabilities)", ha="center", va="center", fontsize=8)
+    ax.set_xlabel("confidence (max probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

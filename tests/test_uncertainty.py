@@ -1,0 +1,174 @@
+"""`nnunet-diffusion uncertainty`: analytic cases for every score, and the command on written folders."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nnunet_diffusion.uncertainty import (auroc, average_precision, brier, entropy_of, qc_scores, region_of,
+                                          reliability)
+
+CLI = os.path.join(os.path.dirname(sys.executable), "nnunet-diffusion")
+
+
+def test_auroc_of_perfect_constant_and_reversed_maps():
+    rng = np.random.default_rng(0)
+    err = rng.random(1000) < 0.2
+    assert auroc(err.astype(float), err) == 1.0
+    assert auroc(np.full(1000, 0.3), err) == 0.5
+    assert auroc(-err.astype(float), err) == 0.0
+    assert auroc(np.ones(5), np.zeros(5, bool)) is None
+
+
+def test_auroc_and_average_precision_hand_computed():
+    score = np.array([0.9, 0.8, 0.7, 0.6])
+    pos = np.array([1, 0, 1, 0], bool)
+    # pairs (pos, neg): 0.9>0.8, 0.9>0.6, 0.7<0.8, 0.7>0.6 -> 3/4
+    assert auroc(score, pos) == pytest.approx(0.75)
+    # thresholds 0.9: recall 1/2 at precision 1; 0.7: recall 1 at precision 2/3
+    assert average_precision(score, pos) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    # ties: one group of equal scores is one threshold (precision = prevalence)
+    assert average_precision(np.zeros(10), np.arange(10) < 3) == pytest.approx(0.3)
+    assert average_precision(pos.astype(float), pos) == 1.0
+
+
+def test_ece_near_zero_when_calibrated_and_the_gap_when_overconfident():
+    rng = np.random.default_rng(1)
+    conf = rng.uniform(0.34, 1.0, 400_000)
+    calibrated = rng.random(conf.size) < conf
+    assert reliability(conf, calibrated)["ece"] < 0.005
+    over = rng.random(conf.size) < conf - 0.2
+    assert reliability(conf, over)["ece"] == pytest.approx(0.2, abs=0.01)
+    rel = reliability(np.array([0.05, 0.95, 0.95]), np.array([0, 1, 0]), bins=10)
+    assert rel["count"][0] == 1 and rel["count"][9] == 2
+    assert rel["accuracy"][9] == 0.5 and rel["ece"] == pytest.approx((0.05 + 2 * 0.45) / 3)
+    # an under- and an over-confident bin do not cancel
+    assert reliability(np.array([0.25, 0.95]), np.array([1, 0]), bins=10)["ece"] == pytest.approx((0.75 + 0.95) / 2)
+
+
+def test_brier_and_entropy_hand_computed():
+    p = np.array([[0.7, 0.2], [0.2, 0.5], [0.1, 0.3]])  # (C=3, N=2)
+    ref = np.array([0, 2])
+    expected = ((0.3 ** 2 + 0.2 ** 2 + 0.1 ** 2) + (0.2 ** 2 + 0.5 ** 2 + 0.7 ** 2)) / 2
+    assert brier(p, ref) == pytest.approx(expected)
+    assert entropy_of(np.array([[0.5], [0.5]]))[0] == pytest.approx(np.log(2))
+    assert entropy_of(np.array([[1.0], [0.0]]))[0] == pytest.approx(0, abs=1e-9)
+
+
+def test_region_is_the_foreground_dilated_in_mm():
+    ref = np.zeros((1, 1, 21), np.uint8)
+    ref[0, 0, 10] = 1
+    r = region_of(ref, np.zeros_like(ref), (1.0, 1.0, 0.5), margin_mm=2.0)
+    assert np.flatnonzero(r[0, 0]).tolist() == list(range(6, 15))  # 4 voxels of 0.5 mm each side
+
+
+def test_qc_spearman_and_worst_case_flagging():
+    per_case = {f"c{i}": {"dice": 0.9 - 0.05 * i, "mean_uncertainty": 0.1 * i} for i in range(10)}
+    q = qc_scores(per_case, 0.1)
+    assert q["spearman"] == pytest.approx(-1.0)
+    assert q["worst_cases"] == ["c9"] and q["worst_auroc"] == 1.0
+    per_case["c9"]["mean_uncertainty"] = -1.0  # the worst case now looks the most certain
+    assert qc_scores(per_case, 0.1)["worst_auroc"] == 0.0
+
+
+def _write(path, arr, spacing=(2.0, 1.0, 1.0)):
+    import SimpleITK as sitk
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(tuple(reversed(spacing)))
+    sitk.WriteImage(img, str(path))
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """Three cases: reference, prediction with known errors, an entropy map equal to the error mask plus a
+    high value far from the structure (outside the scored region), a constant mutual-information map, and
+    calibrated probabilities."""
+    rng = np.random.default_rng(2)
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+    for i in range(3):
+        ref = np.zeros((8, 24, 24), np.uint8)
+        ref[2:6, 4:12, 4:12] = 1
+        ref[2:6, 12:16, 4:12] = 2
+        pred = ref.copy()
+        pred[2:6, 4:4 + 2 * (i + 1), 4:8] = 2  # more errors in later cases
+        err = pred != ref
+        ent = err.astype(np.float32)
+        ent[:, 22:, 22:] = 5.0  # far background, correct: only inside the region must this not count
+        _write(ref_dir / f"c{i}.nii.gz", ref)
+        _write(pred_dir / f"c{i}.nii.gz", pred)
+        _write(pred_dir / f"c{i}_entropy.nii.gz", ent)
+        _write(pred_dir / f"c{i}_mutual_info.nii.gz", np.full(ref.shape, 0.2, np.float32))
+        probs = np.zeros((3, *ref.shape), np.float32)
+        probs[pred, *np.indices(ref.shape)] = 1.0
+        np.savez_compressed(pred_dir / f"c{i}.npz", probabilities=probs)
+    return ref_dir, pred_dir, tmp_path
+
+
+def test_command_scores_a_perfect_and_a_constant_map_side_by_side(folders):
+    ref_dir, pred_dir, tmp = folders
+    out = tmp / "report"
+    proc = subprocess.run([CLI, "uncertainty", str(ref_dir), str(pred_dir), str(pred_dir), "-o", str(out),
+                           "--map", "entropy", "mutual_info", "--names", "perfect", "constant"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.load(open(out / "report.json"))
+    perfect, constant = rep["methods"]["perfect"], rep["methods"]["constant"]
+    assert perfect["voxel"]["auroc"] == 1.0 and perfect["voxel"]["auprc"] == 1.0
+    assert constant["voxel"]["auroc"] == 0.5
+    assert constant["voxel"]["auprc"] == pytest.approx(constant["error_rate"])
+    # one-hot probabilities of the prediction: confident and wrong on the errors
+    cal = perfect["calibration"]
+    assert cal["ece"] == pytest.approx(perfect["error_rate"], abs=1e-6)
+    assert cal["brier"] == pytest.approx(2 * perfect["error_rate"], abs=1e-6)
+    # more errors -> lower Dice and a higher mean entropy over the predicted foreground
+    assert perfect["qc"]["spearman"] == pytest.approx(-1.0)
+    assert "| perfect | entropy |" in open(out / "report.md").read()
+    assert (out / "reliability.png").stat().st_size > 0
+
+
+def test_margin_decides_what_is_scored(folders):
+    from nnunet_diffusion.uncertainty import uncertainty_report
+    ref_dir, pred_dir, tmp = folders
+    wide = uncertainty_report(str(ref_dir), [str(pred_dir)], str(tmp / "wide"), ["entropy"], margin_mm=100)
+    (r,) = wide["methods"].values()
+    assert r["voxel"]["auroc"] < 1.0  # the far, correct, high-entropy voxels now count as false alarms
+
+
+def test_entropy_of_saved_probabilities(folders):
+    from nnunet_diffusion.uncertainty import uncertainty_report
+    ref_dir, pred_dir, tmp = folders
+    for i in range(3):  # probabilities 0.5/0.5 on the errors, one-hot elsewhere
+        with np.load(pred_dir / f"c{i}.npz") as f:
+            p = f["probabilities"]
+        import SimpleITK as sitk
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_dir / f"c{i}.nii.gz")))
+        err = p.argmax(0) != ref
+        p[:, err] = 0
+        p[1, err] = p[2, err] = 0.5
+        np.savez_compressed(pred_dir / f"c{i}.npz", probabilities=p)
+    rep = uncertainty_report(str(ref_dir), [str(pred_dir)], str(tmp / "p"), ["probabilities"])
+    (r,) = rep["methods"].values()
+    assert r["voxel"]["auroc"] == 1.0
+    # confidence 0.5 on the error voxels (argmax picks class 1, the reference there: accuracy 1), confidence 1
+    # and accuracy 1 elsewhere: ECE = error rate x |1 - 0.5|
+    assert r["calibration"]["ece"] == pytest.approx(0.5 * r["error_rate"], abs=1e-6)
+
+
+def test_missing_maps_fail_clearly_without_touching_the_output(folders):
+    ref_dir, pred_dir, tmp = folders
+    out = tmp / "keep"
+    out.mkdir()
+    (out / "report.md").write_text("previous")
+    os.remove(pred_dir / "c1_entropy.nii.gz")
+    proc = subprocess.run([CLI, "uncertainty", str(ref_dir), str(pred_dir), "-o", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "c1_entropy.nii.gz" in proc.stderr
+    assert (out / "report.md").read_text() == "previous"
+    proc = subprocess.run([CLI, "uncertainty", str(ref_dir), str(pred_dir), "-o", str(out), "--margin", "-1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--margin" in proc.stderr
