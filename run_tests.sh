@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")"
 EXTRAS="[test]" bash setup_venv.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=25 "$@"
