@@ -225,14 +225,24 @@ def test_samples_and_uncertainty_maps(env, trained_3d, inputs, tmp_path):
     (["--steps", "-3"], "--steps must be an integer in [1, 1001], got -3"),
     (["--steps", "1002"], "--steps must be an integer in [1, 1001], got 1002"),
     (["--steps", "2.5"], "--steps must be an integer in [1, 1001], got '2.5'"),
-    (["--num-samples", "0"], "--num-samples must be an integer >= 1, got 0"),
+    (["--mirror-batch", "0"], "--mirror-batch must be an integer >= 1, got 0"),
 ])
-def test_invalid_options_are_refused(env, trained_3d, inputs, tmp_path, args, message):
+def test_invalid_options_are_refused(tmp_path, capsys, args, message):
+    """The command's own parser (in process: what the installed entry point runs first)."""
+    from nnunet_diffusion.predict_cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["-i", str(tmp_path), "-o", str(tmp_path / "x"), "-d", "990", "-c", "3d_fullres", *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_invalid_option_through_the_installed_command(env, trained_3d, inputs, tmp_path):
     proc = run([f"{BIN}/nnUNetv2_predict_diffusion", "-i", str(inputs), "-o", str(tmp_path / "x"), "-d", "990",
-                "-c", "3d_fullres", "-f", "0", "-tr", "DiffusionTrainer_2ep3it", "-device", "cpu", *args], env=env,
-               check=False)
+                "-c", "3d_fullres", "-f", "0", "-tr", "DiffusionTrainer_2ep3it", "-device", "cpu",
+                "--num-samples", "0"], env=env, check=False)
     assert proc.returncode == 2
-    assert message in proc.stderr
+    assert "--num-samples must be an integer >= 1, got 0" in proc.stderr
     assert not (tmp_path / "x").exists()
 
 
