@@ -108,9 +108,9 @@ def _median(values: List[float]) -> float:
     return float(statistics.median(values))
 
 
-def _make_trainer(name: str, dataset: str, config: str, device: torch.device):
+def _make_trainer(name: str, dataset: str, config: str, device: torch.device, plans: str = "nnUNetPlans"):
     from nnunetv2.run.run_training import get_trainer_from_args
-    tr = get_trainer_from_args(dataset, config, 0, name, device=device)
+    tr = get_trainer_from_args(dataset, config, 0, name, plans_identifier=plans, device=device)
     tr.initialize()
     tr.dataloader_train, tr.dataloader_val = tr.get_dataloaders()
     return tr
@@ -129,7 +129,8 @@ def _time_prediction(trainer, predictor, data: torch.Tensor) -> float:
 
 def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", quick: bool = False,
                   budget: Optional[tuple] = None, repeats: Optional[int] = None,
-                  predict_cases: Optional[int] = None, log: Callable[[str], None] = print) -> Dict:
+                  predict_cases: Optional[int] = None, log: Callable[[str], None] = print,
+                  plans: str = "nnUNetPlans") -> Dict:
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.paths import nnUNet_preprocessed
@@ -141,9 +142,10 @@ def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", 
 
     dataset_name = maybe_convert_to_dataset_name(dataset)
     if not nnUNet_preprocessed.is_set() or not os.path.isfile(
-            os.path.join(str(nnUNet_preprocessed), dataset_name, "nnUNetPlans.json")):
-        raise ValueError(f"{dataset_name} is not planned and preprocessed: run nnUNetv2_plan_and_preprocess "
-                         f"-d {dataset} -c {config} first (with nnUNet_preprocessed set)")
+            os.path.join(str(nnUNet_preprocessed), dataset_name, f"{plans}.json")):
+        raise ValueError(f"{dataset_name} has no plans {plans!r} ({plans}.json): run nnUNetv2_plan_and_preprocess "
+                         f"-d {dataset} -c {config} first (with nnUNet_preprocessed set; for other plans, its -pl "
+                         f"and -overwrite_plans_name)")
     os.makedirs(out_dir, exist_ok=True)
     os.environ["nnUNet_results"] = os.path.join(os.path.abspath(out_dir), "nnUNet_results")
     os.environ.setdefault("nnUNet_extTrainer", trainers_path())
@@ -153,8 +155,8 @@ def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", 
     predict_cases = predict_cases or (2 if quick else 5)
 
     log(f"benchmark: {dataset_name} {config} on {dev}, {repeats} timed iterations per trainer (interleaved)")
-    trainers = {"stock": _make_trainer("nnUNetTrainer", dataset, config, dev),
-                "diffusion": _make_trainer("DiffusionTrainer", dataset, config, dev)}
+    trainers = {"stock": _make_trainer("nnUNetTrainer", dataset, config, dev, plans),
+                "diffusion": _make_trainer("DiffusionTrainer", dataset, config, dev, plans)}
     batch_size = trainers["stock"].batch_size
     assert trainers["diffusion"].batch_size == batch_size
 
@@ -249,9 +251,9 @@ def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", 
             log(f"training {name} for the Dice comparison (fold 0)")
             env = dict(os.environ, nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "0"))
             subprocess.run([os.path.join(os.path.dirname(sys.executable), "nnUNetv2_train"), dataset, config, "0",
-                            "-tr", name, "-device", device], env=env, check=True)
+                            "-tr", name, "-p", plans, "-device", device], env=env, check=True)
             summary = load_json(os.path.join(os.environ["nnUNet_results"], dataset_name,
-                                             f"{name}__nnUNetPlans__{config}", "fold_0", "validation",
+                                             f"{name}__{plans}__{config}", "fold_0", "validation",
                                              "summary.json"))
             dice[key] = float(summary["foreground_mean"]["Dice"])
         report["dice_stock"], report["dice_diffusion"] = dice["stock"], dice["diffusion"]

@@ -130,7 +130,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     from nnunet_diffusion.budget import parse_budget
     budget = parse_budget(args.budget) if args.budget else None
     report = run_benchmark(args.d, args.c, args.o, device=args.device, quick=args.quick, budget=budget,
-                           repeats=args.repeats)
+                           repeats=args.repeats, plans=args.p)
     print(open(os.path.join(args.o, "benchmark.md")).read())
     print(f"wrote {os.path.join(args.o, 'benchmark.json')} and benchmark.md")
     return 0
@@ -145,7 +145,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     budget = parse_budget(args.budget)
     out = args.o or os.path.join(str(nnUNet_results), maybe_convert_to_dataset_name(args.d), "experiments",
                                  f"{args.table}_{budget[0]}x{budget[1]}")
-    run_experiment(args.table, args.d, args.folds, budget, args.device, out, jobs=args.jobs)
+    run_experiment(args.table, args.d, args.folds, budget, args.device, out, jobs=args.jobs, plans_identifier=args.p)
     return 0
 
 
@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="DiffusionTrainer vs nnUNetTrainer: iteration time, memory, prediction, Dice")
     p.add_argument("-d", required=True, help="dataset name or id (planned and preprocessed)")
     p.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier, e.g. nnUNetResEncUNetMPlans (default nnUNetPlans)")
     p.add_argument("-o", required=True, help="output folder for benchmark.json / benchmark.md")
     p.add_argument("--quick", action="store_true", help="few repeats, no Dice training (minutes on a CPU)")
     p.add_argument("--budget", default=None, help="EPOCHSxITERS for the Dice comparison (default 5x50)")
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("table", choices=["table1", "table2"])
     p.add_argument("-d", required=True, help="dataset name or id (planned for 2d and 3d_fullres)")
     p.add_argument("--folds", type=int, nargs="+", default=[0], help="folds to train (default 0)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier, e.g. nnUNetResEncUNetMPlans (default nnUNetPlans)")
     p.add_argument("--budget", default="10x50", help="EPOCHSxITERS for every trainer (default 10x50)")
     p.add_argument("-device", dest="device", default="cuda", choices=["cpu", "cuda"])
     p.add_argument("-o", default=None, help="report folder (default nnUNet_results/DATASET/experiments/TABLE_BUDGET)")

@@ -98,7 +98,7 @@ def _train(cmd: List[str], env: dict, label: str, epochs: int, log_path: str) ->
 
 
 def run_experiment(table: str, dataset: str, folds: Sequence[int], budget: Tuple[int, int], device: str,
-                   out_dir: str, jobs: int = 1) -> Dict:
+                   out_dir: str, jobs: int = 1, plans_identifier: str = "nnUNetPlans") -> Dict:
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
@@ -111,9 +111,10 @@ def run_experiment(table: str, dataset: str, folds: Sequence[int], budget: Tuple
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     name = maybe_convert_to_dataset_name(dataset)
     epochs, iters = budget
-    plans = os.path.join(str(nnUNet_preprocessed), name, "nnUNetPlans.json")
+    plans = os.path.join(str(nnUNet_preprocessed), name, f"{plans_identifier}.json")
     if not os.path.isfile(plans):
-        raise ValueError(f"{name} is not planned: run nnUNetv2_plan_and_preprocess -d {dataset} -c 2d 3d_fullres")
+        raise ValueError(f"{name} has no plans {plans_identifier!r} ({plans}): run nnUNetv2_plan_and_preprocess "
+                         f"-d {dataset} -c 2d 3d_fullres (for other plans, with its -pl / -overwrite_plans_name)")
     configs = json.load(open(plans))["configurations"]
     missing = sorted({c for _, c in TABLES[table]} - set(configs))
     if missing:
@@ -130,13 +131,13 @@ def run_experiment(table: str, dataset: str, folds: Sequence[int], budget: Tuple
 
     def one(i: int, tr: str, cfg: str, fold: int) -> None:
         trainer = budget_name(tr, epochs, iters)
-        fold_dir = os.path.join(str(nnUNet_results), name, f"{trainer}__nnUNetPlans__{cfg}", f"fold_{fold}")
+        fold_dir = os.path.join(str(nnUNet_results), name, f"{trainer}__{plans_identifier}__{cfg}", f"fold_{fold}")
         label = f"[run {i}/{len(runs)}] {trainer} {cfg} fold {fold}"
         key = f"{trainer}__{cfg}__fold_{fold}"  # names the log file and the timings entry
         if _fold_done(fold_dir):
             print(f"{label}: finished earlier, skipped", flush=True)
             return
-        cmd = [train_bin, dataset, cfg, str(fold), "-tr", trainer, "-device", device]
+        cmd = [train_bin, dataset, cfg, str(fold), "-tr", trainer, "-p", plans_identifier, "-device", device]
         if os.path.isfile(os.path.join(fold_dir, "checkpoint_latest.pth")) or \
                 os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")):
             cmd.append("--c")
@@ -165,7 +166,7 @@ def run_experiment(table: str, dataset: str, folds: Sequence[int], budget: Tuple
     reports = {}
     for a, b, cfg in COMPARISONS[table]:
         folder = lambda tr: os.path.join(str(nnUNet_results), name,  # noqa: E731
-                                         f"{budget_name(tr, epochs, iters)}__nnUNetPlans__{cfg}")
+                                         f"{budget_name(tr, epochs, iters)}__{plans_identifier}__{cfg}")
         dest = os.path.join(out_dir, f"{a}_vs_{b}_{cfg}")
         reports[f"{a} vs {b} ({cfg})"] = compare(folder(a), folder(b), gt, dest, names=[a, b])
         print(f"{a} vs {b} ({cfg}): {reports[f'{a} vs {b} ({cfg})']['verdict']}", flush=True)

@@ -81,3 +81,15 @@ def test_training_env_keeps_the_callers_values(monkeypatch):
     monkeypatch.setattr(cli, "trainers_path", lambda: "/installed/trainers")
     env = training_env({}, "cpu")
     assert env == {"nnUNet_extTrainer": "/installed/trainers", "nnUNet_n_proc_DA": "0", "nnUNet_compile": "f"}
+
+
+@pytest.mark.parametrize("command", [["experiment", "table1"], ["benchmark", "--quick"]])
+def test_plans_that_do_not_exist_are_refused(env, tmp_path, command):
+    """-p names the plans (e.g. a residual-encoder preset); plans that were never made fail clearly and write
+    nothing."""
+    out = tmp_path / "o"
+    proc = run([f"{BIN}/nnunet-diffusion", *command, "-d", "990", "-p", "nnUNetResEncUNetMPlans", "-device", "cpu",
+                "-o", str(out)], env=env, check=False)
+    assert proc.returncode == 1
+    assert "has no plans 'nnUNetResEncUNetMPlans'" in proc.stderr
+    assert not out.exists()
