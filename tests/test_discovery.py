@@ -22,9 +22,13 @@ def _find(name, ext):
 
 
 def test_trainers_path_is_a_folder_of_thin_trainer_modules():
+    """nnU-Net imports every module below nnUNet_extTrainer, recursively: the folder must hold trainer modules
+    and nothing else (pointing it at site-packages or at the package itself would import everything)."""
     path = trainers_path()
-    assert os.path.isdir(path) and "site-packages" != os.path.basename(path)
-    modules = sorted(f for f in os.listdir(path) if f.endswith(".py") and f != "__init__.py")
+    assert os.path.isdir(path)
+    entries = set(os.listdir(path)) - {"__pycache__", "__init__.py"}
+    modules = sorted(f for f in entries if f.endswith(".py"))
+    assert entries == set(modules), f"not a trainer module: {sorted(entries - set(modules))}"
     assert "DiffusionTrainer.py" in modules
     for m in modules:  # thin: no module defines training logic itself
         assert len(open(os.path.join(path, m)).read().splitlines()) < 20, m
