@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from scipy import stats
 
 from conftest import BIN, run
-from nnunet_diffusion.evaluation import binary_metrics, case_metrics, compare, evaluate_folders
+from nnunet_diffusion.evaluation import binary_metrics, case_metrics, compare
 
 
 def _cube(shape, lo, hi):
