@@ -101,9 +101,9 @@ def main(argv=None) -> int:
     # 1. TTA modes and stock timings
     runs = result.setdefault("runs", {})
     for name, cmd, folder in (
-            [(f"stock_mirror", [bin_("nnUNetv2_predict"), *base, "-tr", args.stock],
+            [("stock_mirror", [bin_("nnUNetv2_predict"), *base, "-tr", args.stock],
               os.path.join(study, "stock_mirror")),
-             (f"stock_off", [bin_("nnUNetv2_predict"), *base, "-tr", args.stock, "--disable_tta"],
+             ("stock_off", [bin_("nnUNetv2_predict"), *base, "-tr", args.stock, "--disable_tta"],
               os.path.join(study, "stock_off"))] +
             [(f"tta_{m}", [bin_("nnUNetv2_predict_diffusion"), *base, "-tr", args.trainer, "--tta", m,
                            "--uncertainty"], os.path.join(study, f"tta_{m}")) for m in args.modes]):

@@ -129,8 +129,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     from nnunet_diffusion.benchmark import run_benchmark
     from nnunet_diffusion.budget import parse_budget
     budget = parse_budget(args.budget) if args.budget else None
-    report = run_benchmark(args.d, args.c, args.o, device=args.device, quick=args.quick, budget=budget,
-                           repeats=args.repeats, plans=args.p)
+    run_benchmark(args.d, args.c, args.o, device=args.device, quick=args.quick, budget=budget,
+                  repeats=args.repeats, plans=args.p)
     print(open(os.path.join(args.o, "benchmark.md")).read())
     print(f"wrote {os.path.join(args.o, 'benchmark.json')} and benchmark.md")
     return 0

@@ -1,7 +1,6 @@
 """Paper metrics against analytic shapes, empty masks, and the comparison report."""
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import SimpleITK as sitk
 from scipy import stats
 
 from conftest import BIN, run
-from nnunet_diffusion.evaluation import binary_metrics, case_metrics, compare
+from nnunet_diffusion.evaluation import binary_metrics, case_metrics
 
 
 def _cube(shape, lo, hi):

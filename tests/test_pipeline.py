@@ -1,12 +1,10 @@
 """End to end through real nnU-Net commands on a tiny synthetic dataset:
 plan + preprocess -> nnUNetv2_train (3d_fullres, 2d) -> --c -> nnUNetv2_predict -> evaluation."""
-import glob
 import json
 import os
 import shutil
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
 import torch
 

@@ -1,6 +1,5 @@
 """DiffusionPredictor and nnUNetv2_predict_diffusion on a real (tiny) trained model."""
 import glob
-import itertools
 import math
 import os
 import shutil

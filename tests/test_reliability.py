@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, DATASET, TR, _fold, _train, run
+from conftest import BIN, DATASET, _fold, _train, run
 
 KILL_TR = "DiffusionTrainer_6ep2it"  # saves checkpoint_latest after every epoch
 

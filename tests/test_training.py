@@ -1,8 +1,7 @@
-import pytest
 import torch
 
 from conftest import tiny_diffusion_net
-from nnunet_diffusion.sampling import encode_mask, full_resolution, mask_from_logits
+from nnunet_diffusion.sampling import encode_mask, mask_from_logits
 from nnunet_diffusion.schedule import Schedule
 from nnunet_diffusion.training import make_noisy_mask, sample_levels
 

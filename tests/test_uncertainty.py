@@ -85,7 +85,6 @@ def folders(tmp_path):
     """Three cases: reference, prediction with known errors, an entropy map equal to the error mask plus a
     high value far from the structure (outside the scored region), a constant mutual-information map, and
     calibrated probabilities."""
-    rng = np.random.default_rng(2)
     ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
     ref_dir.mkdir()
     pred_dir.mkdir()
