@@ -63,6 +63,9 @@ def main(argv=None) -> int:
     ap.add_argument("-device", default="cpu")
     ap.add_argument("--modes", nargs="+", default=["full", "final", "chain", "off"])
     ap.add_argument("--num-samples", type=int, default=5, help="samples for the uncertainty run (default 5)")
+    ap.add_argument("--full-reference", default=None,
+                    help="without 'full' in --modes: a folder of full-mirroring predictions of the same model (e.g. "
+                         "nnU-Net's final validation, fold_0/validation) whose Dice stands in for full (not timed)")
     ap.add_argument("--uncertainty-mode", default=None,
                     help="TTA mode of the uncertainty and ensemble runs (default: the one the rule picks)")
     args = ap.parse_args(argv)
@@ -114,6 +117,11 @@ def main(argv=None) -> int:
         print(f"{name}: Dice {np.mean(list(runs[name]['dice'].values())):.4f}, "
               f"{runs[name]['seconds_per_case']:.2f} s/case", flush=True)
         save()
+    if "full" not in args.modes and args.full_reference:
+        runs["tta_full"] = {"command": None, "folder": os.path.abspath(args.full_reference), "seconds": None,
+                            "seconds_per_case": None, "dice": dice_of(args.full_reference),
+                            "note": "full mirroring from this folder (not predicted or timed by this script)"}
+        save()
     table = []
     full = runs.get("tta_full")
     for m in args.modes:
@@ -125,12 +133,13 @@ def main(argv=None) -> int:
             cs = sorted(set(r["dice"]) & set(full["dice"]))
             a, b = [r["dice"][c] for c in cs], [full["dice"][c] for c in cs]
             row.update({"delta_vs_full": float(np.mean(a) - np.mean(b)),
-                        "p_vs_full": paired_tests(a, b)["t_pvalue"], "vs_full_time": r["seconds"] / full["seconds"]})
+                        "p_vs_full": paired_tests(a, b)["t_pvalue"],
+                        "vs_full_time": r["seconds"] / full["seconds"] if full["seconds"] else None})
         table.append(row)
     chosen = None
     if full is not None:
         eligible = [row for row in table if row["delta_vs_full"] >= -RULE]
-        chosen = min(eligible, key=lambda row: row["seconds_per_case"])["mode"]
+        chosen = min(eligible, key=lambda row: row["seconds_per_case"])["mode"] if eligible else "full"
     result["tta_table"], result["rule"], result["chosen_mode"] = table, f"cheapest mode with Dice >= full - {RULE}", chosen
     save()
 
@@ -191,11 +200,14 @@ def write_md(result: Dict, out: str) -> None:
     for r in result["tta_table"]:
         lines.append(f"| {r['mode']} | {r['dice']:.4f} | {r.get('delta_vs_full', float('nan')):+.4f} | "
                      f"{r.get('p_vs_full', float('nan')):.2g} | {r['seconds_per_case']:.2f} | "
-                     f"{r.get('vs_full_time', float('nan')):.2f}× | {r['vs_stock_mirror']:.2f}× | {r['vs_stock_off']:.2f}× |")
+                     f"{'–' if r.get('vs_full_time') is None else format(r['vs_full_time'], '.2f') + '×'} | {r['vs_stock_mirror']:.2f}× | {r['vs_stock_off']:.2f}× |")
     for name in ("stock_mirror", "stock_off"):
         r = runs[name]
         lines.append(f"| stock, {'mirroring' if name == 'stock_mirror' else '--disable_tta'} | "
                      f"{np.mean(list(r['dice'].values())):.4f} | | | {r['seconds_per_case']:.2f} | | | |")
+    if runs.get("tta_full", {}).get("note"):
+        lines.append(f"| full (reference) | {np.mean(list(runs['tta_full']['dice'].values())):.4f} | | | | | | |")
+        lines += ["", f"`full` reference: `{runs['tta_full']['folder']}`, {runs['tta_full']['note']}."]
     lines += ["", f"Rule: {result['rule']} → **{result['chosen_mode']}**."]
     if "uncertainty" in result:
         lines += ["", f"## Uncertainty (TTA {result['uncertainty_mode']}; report: `uncertainty/report.md`)", "",
