@@ -41,6 +41,10 @@ class DiffusionConfig:
         detached before it builds x_t (the stop-gradient of eq. 9). The loss is the mean of the two passes'.
     average_last: m, inference: the segmentation is the mean softmax probability of the x0_hat estimates of
         the chain's last m steps (1: the last step's logits, the paper).
+    zero_init_mask_input: initialise the first convolution's weights on the C mask channels (x_t) to zero, so
+        the untrained network sees only the image, like stock nnU-Net's, instead of three quarters noise at the
+        noisiest levels; the weights then grow only where x_t carries signal. Initialisation only (not the
+        paper's; its default False keeps the paper's initialisation).
 
     The defaults are the paper's configuration; ``DiffusionTrainer`` may use another (see trainer.py).
     """
@@ -58,6 +62,7 @@ class DiffusionConfig:
     recycle_source: str = "next"
     supervise_recycle: bool = False
     average_last: int = 1
+    zero_init_mask_input: bool = False
 
     def __post_init__(self) -> None:
         _check_int("num_steps", self.num_steps, self.num_base_levels)

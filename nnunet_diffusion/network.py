@@ -90,6 +90,23 @@ def wrap_norms(module: nn.Module) -> List[FiLMNorm]:
     return list(films.values())
 
 
+def first_convolution(module: nn.Module, in_channels: int) -> nn.Module:
+    """The first convolution below ``module`` (registration order, i.e. the input stem) taking ``in_channels``."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            if m.in_channels != in_channels:
+                raise ValueError(f"the first convolution takes {m.in_channels} channels, expected {in_channels}")
+            return m
+    raise ValueError(f"{type(module).__name__} has no convolution")
+
+
+def zero_mask_input_weights(unet: nn.Module, num_image_channels: int, num_classes: int) -> None:
+    """Zero the input convolution's weights on the mask channels (``DiffusionConfig.zero_init_mask_input``)."""
+    conv = first_convolution(unet, num_image_channels + num_classes)
+    with torch.no_grad():
+        conv.weight[:, num_image_channels:].zero_()
+
+
 class DiffusionUNet(nn.Module):
     """``network(image, xt, t) -> logits``: one denoising step.
     ``network(image) -> logits``: the whole K-step sampling chain (METHOD.md section 4),
@@ -123,6 +140,8 @@ class DiffusionUNet(nn.Module):
         self.default_sampling = SamplingSettings.from_config(config)
         self._schedules: Dict[int, Schedule] = {}
         self.training_schedule = config.training_schedule()
+        if config.zero_init_mask_input:
+            zero_mask_input_weights(unet, num_image_channels, num_classes)
 
     # nnU-Net's set_deep_supervision_enabled reaches network.decoder.deep_supervision
     @property

@@ -34,7 +34,7 @@ from nnunet_diffusion.config import SamplingSettings
 from nnunet_diffusion.network import DiffusionUNet
 from nnunet_diffusion.noise import chain_noise, linear_index
 
-TTA_MODES = ("final", "chain", "full", "off")
+TTA_MODES = ("final", "chain", "full", "off", "sample")
 
 
 def mirror_combinations(axes: Optional[Sequence[int]]) -> List[Tuple[int, ...]]:
@@ -58,6 +58,8 @@ def mirror_plan(tta: str, combos: List[Tuple[int, ...]], offset: int = 0):
         return lambda j, k: [combos[(j + offset) % M]]
     if tta == "final":
         return lambda j, k: combos if k == 1 else [combos[(j + offset) % M]]
+    if tta == "sample":
+        return lambda j, k: [combos[offset % M]]
     raise ValueError(f"no single-chain mirror plan for tta {tta!r}")
 
 
@@ -75,7 +77,8 @@ class DiffusionPredictor(nnUNetPredictor):
     tta: how nnU-Net's mirrorings are used (ignored when mirroring is disabled), calls per tile with K steps and
         M mirrorings: "full" K*M (one chain per mirroring, logits averaged, as nnU-Net mirrors any network),
         "final" K-1+M (one chain, each step another mirroring, the last step under all M), "chain" K (each
-        step another mirroring), "off" K.
+        step another mirroring), "off" K, "sample" K per sample: sample i runs its whole chain under mirroring
+        i mod M (with ``num_samples`` = N a noise-and-mirror ensemble at N*K calls; N = 1 is "off").
     tile_consistent_noise: False gives every tile its own independent noise (as stock sliding-window
         prediction would), for measuring what the voxel-attached noise buys.
     mirror_batch: most mirrored copies of a tile per network call in "full" (the M chains run side by side in

@@ -17,7 +17,8 @@ from nnunet_diffusion.training import NoisyBatch
 
 __all__ = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTrainer_predictNoise",
            "DiffusionTrainer_1000steps", "DiffusionTrainer_paper", "DiffusionTrainer_supervisedRecycle",
-           "DiffusionTrainer_supervisedRecycleFromNoise", "DiffusionTrainer_chainMean"]
+           "DiffusionTrainer_supervisedRecycleFromNoise", "DiffusionTrainer_chainMean",
+           "DiffusionTrainer_zeroInitMaskInput"]
 
 PAPER = DiffusionConfig()
 
@@ -46,6 +47,12 @@ class DiffusionTrainer_supervisedRecycleFromNoise(DiffusionTrainer):
 class DiffusionTrainer_chainMean(DiffusionTrainer):
     """The paper's training; the output is the mean probability of all K steps' x0_hat."""
     diffusion = replace(PAPER, average_last=PAPER.num_steps)
+
+
+class DiffusionTrainer_zeroInitMaskInput(DiffusionTrainer):
+    """The paper's method with the input convolution's weights on the x_t channels initialised to zero: the
+    untrained network is a stock U-Net on the image, and the mask path grows only where x_t is informative."""
+    diffusion = replace(PAPER, zero_init_mask_input=True)
 
 
 class DiffusionTrainer_noRecycle(DiffusionTrainer):

@@ -131,3 +131,21 @@ def test_generic_norm_path_for_group_norm():
     film.scale, film.shift = torch.randn(2, 4), torch.randn(2, 4)
     expected = norm(x) * (1 + film.scale.view(2, 4, 1, 1)) + film.shift.view(2, 4, 1, 1)
     torch.testing.assert_close(film(x), expected)
+
+
+@pytest.mark.parametrize("arch", ["plain", "residual"])
+@pytest.mark.parametrize("dim", [2, 3])
+def test_zero_init_mask_input_makes_the_untrained_network_blind_to_xt(dim, arch):
+    """zero_init_mask_input: the input convolution ignores x_t at initialisation (and only then: its mask
+    weights are ordinary parameters); the paper's initialisation does not."""
+    from dataclasses import replace
+    from nnunet_diffusion.config import DiffusionConfig
+    image, xt = _inputs(dim)
+    t = torch.tensor([1000, 250])
+    quiet = tiny_diffusion_net(dim, arch=arch, config=replace(DiffusionConfig(), zero_init_mask_input=True)).eval()
+    paper = tiny_diffusion_net(dim, arch=arch).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(quiet(image, xt, t), quiet(image, torch.randn_like(xt), t))
+        assert not torch.allclose(paper(image, xt, t), paper(image, torch.randn_like(xt), t))
+    conv = next(m for m in quiet.unet.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
+    assert conv.weight.requires_grad and conv.weight[:, 1:].abs().sum() == 0 and conv.weight[:, :1].abs().sum() > 0

@@ -86,6 +86,16 @@ def _reference_chain(fn, x, noise, schedule, plan):
         xt = xt.float()
 
 
+def _predict_one_tile(p, dim):
+    """One whole-patch tile through the predictor's per-tile call, mirroring along every spatial axis."""
+    spatial = (20, 24, 20) if dim == 3 else (24, 20)
+    x = torch.randn(1, 1, *spatial)
+    axes = [2, 3, 4] if dim == 3 else [2, 3]
+    p.allowed_mirroring_axes = tuple(a - 2 for a in axes)
+    p._slicers = []
+    return x, spatial, axes, p._internal_maybe_mirror_and_predict(x)
+
+
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("tta,mirror_batch", [("off", None), ("chain", None), ("final", None), ("final", 1),
                                               ("final", 3), ("full", None), ("full", 1), ("full", 3)])
@@ -99,12 +109,7 @@ def test_tta_modes_unmirror_outputs(trained, tta, mirror_batch, dim):
     net = p.diffusion_network
     fn = _position_net()
     net.denoise = fn
-    spatial = (20, 24, 20) if dim == 3 else (24, 20)
-    x = torch.randn(1, 1, *spatial)
-    axes = [2, 3, 4] if dim == 3 else [2, 3]
-    p.allowed_mirroring_axes = tuple(a - 2 for a in axes)
-    p._slicers = []
-    out = p._internal_maybe_mirror_and_predict(x)
+    x, spatial, axes, out = _predict_one_tile(p, dim)
     combos = mirror_combinations(axes)
     noise = chain_noise(0, 5, 3, linear_index(tuple(slice(0, s) for s in spatial), spatial, torch.device("cpu")))
     schedule = net.schedule(5)
@@ -116,6 +121,27 @@ def test_tta_modes_unmirror_outputs(trained, tta, mirror_batch, dim):
     if tta != "off":  # and mirroring matters for this network: the un-mirrored chain differs
         plain = _reference_chain(fn, x, noise, schedule, mirror_plan("off", combos))
         assert not torch.allclose(out, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_sample_mode_runs_each_sample_under_its_own_mirroring(trained, dim):
+    """--tta sample --num-samples N: sample i is one whole chain under mirroring i mod M with its own noise; the
+    output is the log of the samples' mean probability (checked against hand-flipped reference chains)."""
+    from nnunet_diffusion.noise import chain_noise
+    from nnunet_diffusion.predictor import mirror_combinations
+    n = 3
+    p = _predictor(trained, tta="sample", num_samples=n)
+    counter = CallCounter(p.diffusion_network)
+    fn = _position_net()
+    counter.denoise = fn
+    x, spatial, axes, out = _predict_one_tile(p, dim)
+    assert counter.evaluations == counter.calls == n * 5
+    combos = mirror_combinations(axes)
+    index = linear_index(tuple(slice(0, s) for s in spatial), spatial, torch.device("cpu"))
+    schedule = p.diffusion_network.schedule(5)
+    probs = [torch.softmax(_reference_chain(fn, x, chain_noise(i, 5, 3, index), schedule,
+                                            lambda j, k, c=combos[i]: [c]), 1) for i in range(n)]
+    torch.testing.assert_close(out, torch.log((sum(probs) / n).clamp_min(1e-6)), rtol=1e-4, atol=1e-4)
 
 
 def test_overlapping_tiles_receive_identical_noise(trained, monkeypatch):

@@ -164,3 +164,15 @@ def test_use_dice_drives_the_loss(make_trainer):
     tr2 = make_trainer("DiffusionTrainer_paper_1ep1it")
     inner2 = tr2.loss.loss if hasattr(tr2.loss, "weight_factors") else tr2.loss
     assert inner2.weight_dice != 0
+
+
+def test_zero_init_mask_input_trainer_starts_blind_to_xt(make_trainer):
+    """DiffusionTrainer_zeroInitMaskInput: nnU-Net's initialised trainer holds zero input weights on the mask
+    channels (nothing re-initialises them after the network is built); the paper's trainer does not."""
+    for name, zero in (("DiffusionTrainer_zeroInitMaskInput_1ep1it", True), ("DiffusionTrainer_paper_1ep1it", False)):
+        tr = make_trainer(name)
+        net = tr.diffusion_network
+        conv = next(m for m in net.unet.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
+        mask_weights = conv.weight[:, net.num_image_channels:]
+        assert mask_weights.shape[1] == net.num_classes
+        assert (mask_weights.abs().sum().item() == 0) == zero
