@@ -149,3 +149,20 @@ def test_zero_init_mask_input_makes_the_untrained_network_blind_to_xt(dim, arch)
         assert not torch.allclose(paper(image, xt, t), paper(image, torch.randn_like(xt), t))
     conv = next(m for m in quiet.unet.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
     assert conv.weight.requires_grad and conv.weight[:, 1:].abs().sum() == 0 and conv.weight[:, :1].abs().sum() > 0
+
+
+def test_network_without_normalisation_layers_is_refused_by_name():
+    """A network the time signal cannot be attached to (no norm layer, e.g. a LayerNorm-free conv stack) is
+    refused with an error naming its class and what is missing."""
+    from nnunet_diffusion.network import DiffusionUNet
+
+    class ConvOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(4, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    with pytest.raises(ValueError, match="ConvOnly has no normalisation layer"):
+        DiffusionUNet(ConvOnly(), 1, 3)
