@@ -234,20 +234,26 @@ def main(argv=None) -> int:
         result["methods"][base] = entry
         with open(result_path, "w") as f:
             json.dump(result, f, indent=1)
+        if diagnosis:
+            old = json.load(open(os.path.join(out, "diagnosis.json"))) if os.path.isfile(
+                os.path.join(out, "diagnosis.json")) else {}
+            old.update(diagnosis)
+            with open(os.path.join(out, "diagnosis.json"), "w") as f:
+                json.dump(old, f, indent=1)
         if base != "nnUNetTrainer" and "nnUNetTrainer" in result["methods"]:
             stock_dir = os.path.join(str(nnUNet_results), DATASET, f"{stock}__nnUNetPlans__{CONFIG}")
             for mode, folder in (("mirror", folders["mirror"]),
                                  ("off", folders["off"])):
                 other = os.path.join(stock_dir, f"fold_{args.fold}", "validation") if mode == "mirror" else \
                     os.path.join(work, stock, "off")
+                if not os.path.isdir(other):
+                    # accuracy.md's paired tests use the per-case Dice in accuracy.json; the full report (NSD,
+                    # HD95, CD) needs stock's prediction files
+                    print(f"no stock predictions in {other}: compare report {base} vs stock ({mode}) skipped",
+                          flush=True)
+                    continue
                 compare(folder, other, gt, os.path.join(out, f"{base}_vs_nnUNetTrainer_{mode}"),
                         names=[base, "nnUNetTrainer"])
-    if diagnosis:
-        old = json.load(open(os.path.join(out, "diagnosis.json"))) if os.path.isfile(
-            os.path.join(out, "diagnosis.json")) else {}
-        old.update(diagnosis)
-        with open(os.path.join(out, "diagnosis.json"), "w") as f:
-            json.dump(old, f, indent=1)
     write_tables(result, out)
     print(open(os.path.join(out, "accuracy.md")).read())
     return 0
