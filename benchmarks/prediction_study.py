@@ -10,10 +10,15 @@ trains both models and links the validation images). Every prediction goes throu
 start to end (the same model loading in every run, so the per-case seconds include it). Resumable: a finished
 folder (``done`` marker) is reused.
 
-1. TTA modes (``--modes``, default full final chain off): Dice per case, seconds per case, paired t-test of
-   each mode against ``full``; the rule for the default: the cheapest mode whose mean Dice is within 0.005
-   of ``full``. Stock with its default mirroring and with ``--disable_tta`` is timed on the same cases;
-   every ratio says what it is a ratio to.
+1. TTA modes (``--modes``, default full final chain off; ``MODE:avgM`` adds ``--average-last M``, the mean
+   probability of the last M steps' x0_hat): Dice per case, seconds per case, paired t-test of each mode
+   against ``full``; the rule for the default: among the modes whose mean Dice is within 0.005 of ``full``,
+   the one with the fewest network calls per tile (chain/off K, final K - 1 + M, full K*M), ties broken by
+   the higher Dice (modes with the same calls differ in time only by measurement noise).
+   Stock with its default mirroring and with ``--disable_tta`` is timed on the same cases; every ratio says
+   what it is a ratio to. ``--stock-time-only``: the stock model serves only as the timing reference (e.g. a
+   short-budget model of the same plans: the weights do not change the time), so its Dice is not reported and
+   steps 2 and 3, which need a trained stock model, are skipped.
 2. Uncertainty (``nnunet-diffusion uncertainty``): stock's softmax entropy (its ``--save_probabilities``),
    the diffusion model's entropy with one sample (the chosen mode), and with ``--num-samples N`` (entropy and
    mutual information).
@@ -54,6 +59,24 @@ def predict(cmd: List[str], folder: str, log: str) -> float:
     return seconds
 
 
+def calls_per_tile(mode: str, steps: int = 5, mirrorings: int = 8) -> int:
+    """Network evaluations per tile of a mode with K = ``steps`` and M = ``mirrorings`` (8 in 3D)."""
+    tta = mode.partition(":")[0]
+    return {"off": steps, "chain": steps, "sample": steps, "final": steps - 1 + mirrorings,
+            "full": steps * mirrorings}[tta]
+
+
+def mode_args(mode: str) -> List[str]:
+    """``"chain"`` -> ``--tta chain --average-last 1`` (the last step's output); ``"chain:avg3"`` ->
+    ``--tta chain --average-last 3``."""
+    tta, _, extra = mode.partition(":")
+    if not extra:
+        return ["--tta", tta, "--average-last", "1"]
+    if not extra.startswith("avg") or not extra[3:].isdigit():
+        raise ValueError(f"mode {mode!r}: expected MODE or MODE:avgM")
+    return ["--tta", tta, "--average-last", extra[3:]]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-o", required=True, help="results folder (prediction.json, prediction.md, reports)")
@@ -66,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--full-reference", default=None,
                     help="without 'full' in --modes: a folder of full-mirroring predictions of the same model (e.g. "
                          "nnU-Net's final validation, fold_0/validation) whose Dice stands in for full (not timed)")
+    ap.add_argument("--stock-time-only", action="store_true",
+                    help="the stock model is only the timing reference: no stock Dice, no uncertainty or ensemble")
     ap.add_argument("--uncertainty-mode", default=None,
                     help="TTA mode of the uncertainty and ensemble runs (default: the one the rule picks)")
     args = ap.parse_args(argv)
@@ -108,8 +133,8 @@ def main(argv=None) -> int:
               os.path.join(study, "stock_mirror")),
              ("stock_off", [bin_("nnUNetv2_predict"), *base, "-tr", args.stock, "--disable_tta"],
               os.path.join(study, "stock_off"))] +
-            [(f"tta_{m}", [bin_("nnUNetv2_predict_diffusion"), *base, "-tr", args.trainer, "--tta", m,
-                           "--uncertainty"], os.path.join(study, f"tta_{m}")) for m in args.modes]):
+            [(f"tta_{m}", [bin_("nnUNetv2_predict_diffusion"), *base, "-tr", args.trainer, *mode_args(m)],
+              os.path.join(study, f"tta_{m.replace(':', '_')}")) for m in args.modes]):
         seconds = predict(cmd, folder, log)
         runs[name] = {"command": " ".join([os.path.basename(cmd[0]), *cmd[1:], "-o", folder]), "folder": folder,
                       "seconds": round(seconds, 2), "seconds_per_case": round(seconds / len(cases), 3),
@@ -117,16 +142,23 @@ def main(argv=None) -> int:
         print(f"{name}: Dice {np.mean(list(runs[name]['dice'].values())):.4f}, "
               f"{runs[name]['seconds_per_case']:.2f} s/case", flush=True)
         save()
+    if args.stock_time_only:
+        for name in ("stock_mirror", "stock_off"):
+            runs[name]["dice"] = None
+            runs[name]["note"] = "timing reference only (its weights are not the compared model's)"
     if "full" not in args.modes and args.full_reference:
         runs["tta_full"] = {"command": None, "folder": os.path.abspath(args.full_reference), "seconds": None,
                             "seconds_per_case": None, "dice": dice_of(args.full_reference),
-                            "note": "full mirroring from this folder (not predicted or timed by this script)"}
+                            "note": "full mirroring from this folder (e.g. nnU-Net's final validation of the same model: "
+                                    "the noise of nnUNetv2_predict's path, seed 0 per call in the frame the network "
+                                    "sees); not predicted or timed by this script"}
         save()
     table = []
     full = runs.get("tta_full")
     for m in args.modes:
         r = runs[f"tta_{m}"]
-        row = {"mode": m, "dice": float(np.mean(list(r["dice"].values()))), "seconds_per_case": r["seconds_per_case"],
+        row = {"mode": m, "calls_per_tile": calls_per_tile(m), "dice": float(np.mean(list(r["dice"].values()))),
+               "seconds_per_case": r["seconds_per_case"],
                "vs_stock_mirror": r["seconds"] / runs["stock_mirror"]["seconds"],
                "vs_stock_off": r["seconds"] / runs["stock_off"]["seconds"]}
         if full is not None:
@@ -139,14 +171,20 @@ def main(argv=None) -> int:
     chosen = None
     if full is not None:
         eligible = [row for row in table if row["delta_vs_full"] >= -RULE]
-        chosen = min(eligible, key=lambda row: row["seconds_per_case"])["mode"] if eligible else "full"
-    result["tta_table"], result["rule"], result["chosen_mode"] = table, f"cheapest mode with Dice >= full - {RULE}", chosen
+        chosen = min(eligible, key=lambda row: (row["calls_per_tile"], -row["dice"]))["mode"] if eligible else "full"
+    result["tta_table"], result["chosen_mode"] = table, chosen
+    result["rule"] = (f"fewest network calls per tile among the modes with Dice >= full - {RULE}, ties broken by the "
+                      "higher Dice")
     save()
+    if args.stock_time_only:
+        write_md(result, out)
+        print(open(os.path.join(out, "prediction.md")).read())
+        return 0
 
     # 2. uncertainty: N samples in the chosen mode
     mode = args.uncertainty_mode or chosen or args.modes[0]
-    ns_folder = os.path.join(study, f"tta_{mode}_samples{args.num_samples}")
-    cmd = [bin_("nnUNetv2_predict_diffusion"), *base, "-tr", args.trainer, "--tta", mode, "--uncertainty",
+    ns_folder = os.path.join(study, f"tta_{mode.replace(':', '_')}_samples{args.num_samples}")
+    cmd = [bin_("nnUNetv2_predict_diffusion"), *base, "-tr", args.trainer, *mode_args(mode), "--uncertainty",
            "--num-samples", str(args.num_samples)]
     seconds = predict(cmd, ns_folder, log)
     runs[f"samples{args.num_samples}"] = {"command": " ".join([os.path.basename(cmd[0]), *cmd[1:], "-o", ns_folder]),
@@ -158,7 +196,7 @@ def main(argv=None) -> int:
     n = f"diffusion, {args.num_samples} samples"
     rep = uncertainty_report(gt, [runs["stock_mirror"]["folder"], one, ns_folder, ns_folder],
                              os.path.join(out, "uncertainty"),
-                             maps=["probabilities", "entropy", "entropy", "mutual_info"],
+                             maps=["probabilities", "probabilities", "entropy", "mutual_info"],
                              names=["stock (softmax entropy)", "diffusion, 1 sample (entropy)", f"{n} (entropy)",
                                     f"{n} (mutual information)"])
     result["uncertainty"] = {k: {"dice": v["dice"]["mean"], "voxel_auroc": v["voxel"]["auroc"],
@@ -170,7 +208,7 @@ def main(argv=None) -> int:
     save()
 
     # 3. ensemble with stock (mean of the two probability maps, nnU-Net's own command)
-    ens = os.path.join(study, f"ensemble_{mode}_samples{args.num_samples}_stock")
+    ens = os.path.join(study, f"ensemble_{mode.replace(':', '_')}_samples{args.num_samples}_stock")
     if not os.path.isfile(os.path.join(ens, "done")):
         sh([bin_("nnUNetv2_ensemble"), "-i", ns_folder, runs["stock_mirror"]["folder"], "-o", ens, "-np", "1"], log)
         open(os.path.join(ens, "done"), "w").close()
@@ -195,19 +233,22 @@ def write_md(result: Dict, out: str) -> None:
              "wall-clock of the whole command / cases (model loading included, the same in every run).", "",
              f"Command: `{result['command']}`", "",
              "## TTA modes", "",
-             "| mode | Dice | Δ vs full | p vs full | s / case | time vs full | time vs stock (mirroring) | "
-             "time vs stock (--disable_tta) |", "|---|---|---|---|---|---|---|---|"]
+             "| mode | calls / tile | Dice | Δ vs full | p vs full | s / case | time vs full | time vs stock (mirroring) | "
+             "time vs stock (--disable_tta) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["tta_table"]:
-        lines.append(f"| {r['mode']} | {r['dice']:.4f} | {r.get('delta_vs_full', float('nan')):+.4f} | "
+        lines.append(f"| {r['mode']} | {r.get('calls_per_tile', '')} | {r['dice']:.4f} | {r.get('delta_vs_full', float('nan')):+.4f} | "
                      f"{r.get('p_vs_full', float('nan')):.2g} | {r['seconds_per_case']:.2f} | "
                      f"{'–' if r.get('vs_full_time') is None else format(r['vs_full_time'], '.2f') + '×'} | {r['vs_stock_mirror']:.2f}× | {r['vs_stock_off']:.2f}× |")
-    for name in ("stock_mirror", "stock_off"):
+    for name, label, calls in (("stock_mirror", "mirroring", 8), ("stock_off", "--disable_tta", 1)):
         r = runs[name]
-        lines.append(f"| stock, {'mirroring' if name == 'stock_mirror' else '--disable_tta'} | "
-                     f"{np.mean(list(r['dice'].values())):.4f} | | | {r['seconds_per_case']:.2f} | | | |")
-    if runs.get("tta_full", {}).get("note"):
-        lines.append(f"| full (reference) | {np.mean(list(runs['tta_full']['dice'].values())):.4f} | | | | | | |")
-        lines += ["", f"`full` reference: `{runs['tta_full']['folder']}`, {runs['tta_full']['note']}."]
+        dice = "–" if r["dice"] is None else f"{np.mean(list(r['dice'].values())):.4f}"
+        lines.append(f"| stock, {label} | {calls} | {dice} | | | {r['seconds_per_case']:.2f} | | | |")
+    full = runs.get("tta_full", {})
+    if full.get("note"):
+        lines.append(f"| full (reference) | 40 | {np.mean(list(full['dice'].values())):.4f} | | | | | | |")
+        lines += ["", f"`full` reference: `{full['folder']}`, {full['note']}."]
+    if runs["stock_mirror"].get("note"):
+        lines += ["", f"Stock model `{result['stock']}`: {runs['stock_mirror']['note']}."]
     lines += ["", f"Rule: {result['rule']} → **{result['chosen_mode']}**."]
     if "uncertainty" in result:
         lines += ["", f"## Uncertainty (TTA {result['uncertainty_mode']}; report: `uncertainty/report.md`)", "",
