@@ -112,7 +112,7 @@ def predict_unmirrored(trainer: str, fold: int, device: str, images: str, work: 
     log = os.path.join(out, "logs", f"{trainer}_predict.log")
     folders = {}
     runs = [("off", [bin_("nnUNetv2_predict"), "--disable_tta"])] if not diffusion else \
-        [("off", [bin_("nnUNetv2_predict_diffusion"), "--tta", "off", "--save-steps"])] + \
+        [("off", [bin_("nnUNetv2_predict_diffusion"), "--tta", "off", "--average-last", "1", "--save-steps"])] + \
         [(f"off_mean{m}", [bin_("nnUNetv2_predict_diffusion"), "--tta", "off", "--average-last", str(m)])
          for m in sorted({2, 3, num_steps}) if 1 < m <= num_steps]
     for mode, cmd in runs:

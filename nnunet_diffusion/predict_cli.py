@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 import sys
 from typing import List, Optional
 
@@ -49,16 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--uncertainty", action="store_true",
                    help="write CASE_entropy and CASE_mutual_info beside CASE (use with --num-samples >= 2)")
     g.add_argument("--average-last", type=int_in_range("--average-last", 1, NUM_BASE_LEVELS), default=None,
-                   help="m: the output is the mean probability of the last m steps' x0_hat (default: the trained m)")
+                   help="m: the output is the mean probability of the last m steps' x0_hat (default: all K' steps, "
+                        "measured best in the prediction study; 1 = the last step's logits, the paper and nnU-Net's "
+                        "own validation)")
     g.add_argument("--save-steps", action="store_true",
                    help="also write the segmentation of every step's x0_hat: CASE_step{K}..CASE_step1 (step K is "
                         "the first call, from pure noise)")
-    g.add_argument("--tta", choices=["full", "final", "chain", "off", "sample"], default="full",
+    g.add_argument("--tta", choices=["full", "final", "chain", "off", "sample"], default="off",
                    help="network calls per tile with K steps and M mirrorings (M = 8 in 3D): full K*M, nnU-Net's "
                         "mirroring around whole chains; final K-1+M, each step another mirroring and the last "
                         "step under all M; chain K, each step another mirroring; off K, no mirroring; sample K per "
                         "sample, sample i under mirroring i mod M for its whole chain (use with --num-samples N: "
-                        "a noise and mirror ensemble at N*K calls)")
+                        "a noise and mirror ensemble at N*K calls). Default off: the prediction study's rule picked "
+                        "it (README, Results)")
     g.add_argument("--mirror-batch", type=int_in_range("--mirror-batch", 1), default=None,
                    help="mirrored copies of a tile per network call in full/final (default: all M at once, "
                         "halved automatically when memory runs out; 1: one call per mirroring)")
@@ -144,6 +148,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for f in folds:
             read_checkpoint(os.path.join(model_folder, f"fold_{f}", args.chk))
         predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
+        if args.average_last is None:  # the measured default: the mean probability of every step's x0_hat
+            predictor.sampling = replace(predictor.sampling, average_last=predictor.sampling.num_steps)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
