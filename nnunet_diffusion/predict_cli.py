@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import replace
 import sys
+from dataclasses import replace
 from typing import List, Optional
 
 from nnunet_diffusion.cli import int_in_range
