@@ -45,6 +45,9 @@ class DiffusionConfig:
         the untrained network sees only the image, like stock nnU-Net's, instead of three quarters noise at the
         noisiest levels; the weights then grow only where x_t carries signal. Initialisation only (not the
         paper's; its default False keeps the paper's initialisation).
+    ema_halflife: exponential moving average of the weights for validation, export and prediction, as a
+        fraction of the training run: an update's weight halves after ``ema_halflife`` x (epochs x iterations
+        per epoch) iterations, so the same value suits short and long budgets. 0: no average (the paper).
 
     The defaults are the paper's configuration; ``DiffusionTrainer`` may use another (see trainer.py).
     """
@@ -63,6 +66,7 @@ class DiffusionConfig:
     supervise_recycle: bool = False
     average_last: int = 1
     zero_init_mask_input: bool = False
+    ema_halflife: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("num_steps", self.num_steps, self.num_base_levels)
@@ -72,6 +76,9 @@ class DiffusionConfig:
         _check_choice("sampler", self.sampler, SAMPLERS)
         _check_choice("recycle_source", self.recycle_source, RECYCLE_SOURCES)
         _check_int("average_last", self.average_last, self.num_steps)
+        if isinstance(self.ema_halflife, bool) or not isinstance(self.ema_halflife, (int, float)) \
+                or not 0 <= self.ema_halflife <= 1:
+            raise ValueError(f"ema_halflife must be a fraction of the run in [0, 1], got {self.ema_halflife!r}")
 
     def inference_schedule(self, num_steps: Optional[int] = None) -> Schedule:
         return Schedule.resampled(num_steps or self.num_steps, self.num_base_levels, self.beta_start, self.beta_end)

@@ -9,7 +9,11 @@ nnU-Net methods overridden, each for one reason:
   (under DDP on every rank together: one all-reduce of a finite flag before backward).
 * ``initialize``: refuse label set-ups the method does not define (regions, ignore label).
 * ``save_checkpoint`` / ``load_checkpoint``: atomic writes, recorded diffusion settings,
-  clear refusal of corrupt or mismatched checkpoints.
+  clear refusal of corrupt or mismatched checkpoints; with ``ema_halflife`` > 0 the checkpoint's
+  ``network_weights`` (what predictors load) are the weight average and ``training_network_weights`` the
+  raw weights that ``--c`` resumes.
+* ``on_validation_epoch_start`` / ``_end`` and ``perform_actual_validation``: with an EMA, validate the
+  average (and train on the raw weights again afterwards).
 
 ``validation_step`` and ``perform_actual_validation`` stay stock: in eval mode
 ``network(image)`` runs the K-step sampler, so nnU-Net's pseudo Dice, sliding window,
@@ -29,6 +33,7 @@ from torch import autocast, nn
 from torch._dynamo import OptimizedModule
 
 from nnunet_diffusion.config import DiffusionConfig
+from nnunet_diffusion.ema import WeightAverage, ema_decay
 from nnunet_diffusion.network import DiffusionUNet
 from nnunet_diffusion.sampling import encode_mask, full_resolution
 from nnunet_diffusion.training import NoisyBatch, full_resolution_pass, make_noisy_mask
@@ -39,6 +44,8 @@ class DiffusionTrainer(nnUNetTrainer):
 
     diffusion: ClassVar[DiffusionConfig] = DiffusionConfig()
     skipped_updates: int = 0  # training steps whose loss was not finite
+    _weight_average = None  # WeightAverage when diffusion.ema_halflife > 0, created on first use
+    _raw_weights = None  # the trained weights while validation runs on the average
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -74,6 +81,14 @@ class DiffusionTrainer(nnUNetTrainer):
         if isinstance(mod, OptimizedModule):
             mod = mod._orig_mod
         return mod
+
+    @property
+    def weight_average(self):
+        """The EMA of the weights (None without ``ema_halflife``)."""
+        if self.diffusion.ema_halflife > 0 and self._weight_average is None:
+            decay = ema_decay(self.diffusion.ema_halflife, self.num_epochs * self.num_iterations_per_epoch)
+            self._weight_average = WeightAverage(self.diffusion_network, decay)
+        return self._weight_average
 
     def make_noisy_batch(self, data: torch.Tensor, target) -> NoisyBatch:
         """x0 from the full-resolution label, then the noisy mask (with recycling if configured). An unsupervised
@@ -116,8 +131,10 @@ class DiffusionTrainer(nnUNetTrainer):
         if self.disable_checkpointing:
             self.print_to_log_file('No checkpoint written, checkpointing is disabled')
             return
+        average = self.weight_average
         checkpoint = {
-            'network_weights': self.diffusion_network.state_dict(),
+            'network_weights': self.diffusion_network.state_dict() if average is None else
+            average.weights_for(self.diffusion_network),
             'optimizer_state': self.optimizer.state_dict(),
             'grad_scaler_state': self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             'logging': self.logger.get_checkpoint(),
@@ -128,6 +145,9 @@ class DiffusionTrainer(nnUNetTrainer):
             'inference_allowed_mirroring_axes': self.inference_allowed_mirroring_axes,
             'diffusion': self.diffusion.to_dict(),
         }
+        if average is not None:
+            checkpoint['training_network_weights'] = self.diffusion_network.state_dict()
+            checkpoint['weight_average_updates'] = average.updates
         atomic_torch_save(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
@@ -138,6 +158,34 @@ class DiffusionTrainer(nnUNetTrainer):
         check_diffusion_settings(checkpoint, self.diffusion, str(filename_or_checkpoint)
                                  if isinstance(filename_or_checkpoint, str) else 'checkpoint')
         super().load_checkpoint(filename_or_checkpoint)
+        average = self.weight_average
+        if average is not None:
+            # network_weights (just loaded) are the average; training resumes from the raw weights
+            average.load(self.diffusion_network.state_dict(), checkpoint.get('weight_average_updates', 0))
+            if 'training_network_weights' in checkpoint:
+                self.diffusion_network.load_state_dict(checkpoint['training_network_weights'])
+
+    def on_validation_epoch_start(self):
+        """Overrides nnU-Net's hook: with an EMA, the epoch's pseudo Dice is the average's."""
+        super().on_validation_epoch_start()
+        if self.weight_average is not None:
+            net = self.diffusion_network
+            self._raw_weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            net.load_state_dict(self.weight_average.weights_for(net))
+
+    def on_validation_epoch_end(self, val_outputs):
+        """Overrides nnU-Net's hook: the raw weights come back before checkpoints are written."""
+        if self._raw_weights is not None:
+            self.diffusion_network.load_state_dict(self._raw_weights)
+            self._raw_weights = None
+        super().on_validation_epoch_end(val_outputs)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """Overrides nnU-Net's final validation only to run it on the EMA weights when there are any."""
+        if self.weight_average is None:
+            return super().perform_actual_validation(save_probabilities)
+        with self.weight_average.applied(self.diffusion_network):
+            return super().perform_actual_validation(save_probabilities)
 
     # ------------------------------------------------------------------ nnU-Net hooks
     def train_step(self, batch: dict) -> dict:
@@ -172,6 +220,8 @@ class DiffusionTrainer(nnUNetTrainer):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
+        if self.weight_average is not None:
+            self.weight_average.update(self.diffusion_network)
         return {'loss': loss.detach().cpu().numpy()}
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
