@@ -104,6 +104,17 @@ def train(trainer: str, fold: int, device: str, out: str) -> Dict:
             "epoch_times_s": epoch_times, "training_s": round(sum(epoch_times), 1)}
 
 
+def training_start(trainer: str, out: str, before: str = "9999") -> str:
+    """When a run of ``trainer`` started, from the newest nnU-Net training log copied to ``out/logs`` whose time
+    is earlier than ``before`` (the logs are named training_log_YYYY_MM_DD_HH_MM_SS.txt)."""
+    stamps = []
+    for lg in glob.glob(os.path.join(out, "logs", f"{trainer}_training_log_*.txt")):
+        y, mo, d, h, mi = os.path.basename(lg)[len(trainer) + 14:].split("_")[:5]
+        stamps.append(f"{y}-{mo}-{d} {h}:{mi} UTC")
+    stamps = sorted(x for x in stamps if x < before)
+    return stamps[-1] if stamps else "unknown"
+
+
 def predict_unmirrored(trainer: str, fold: int, device: str, images: str, work: str, out: str,
                        diffusion: bool, num_steps: int) -> Dict[str, str]:
     """Prediction folders without mirroring: {mode: folder}."""
@@ -166,6 +177,73 @@ def logits_dependence_on_t(model_dir: str, fold: int, cases: List[str], device: 
     return {k: {"mean": float(np.mean(v)), "per_case": v} for k, v in out.items()}
 
 
+def mirror_dependence(model_dir: str, fold: int, cases: List[str], device: str, diffusion: bool,
+                      checkpoint: str = "checkpoint_final.pth") -> Dict:
+    """Dice of each of nnU-Net's test-time mirrorings alone and of their mean probability, per validation case.
+
+    No sliding window: each case whole on the preprocessed grid (zero-padded to a multiple of 16 voxels per
+    axis, centred), nnU-Net's 8 mirrorings of the 3 axes. Stock: one network evaluation per mirroring. Diffusion:
+    one 5-step chain per mirroring (the same noise for all, flipped with the image), outputs: the last step
+    (``last``) and the mean probability of all steps (``mean``). Dice = mean over the foreground classes."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from nnunet_diffusion.predictor import mirror_combinations
+    from nnunet_diffusion.sampling import p_sample_loop
+    p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, perform_everything_on_device=False,
+                        device=torch.device(device), verbose=False, allow_tqdm=False)
+    p.initialize_from_trained_model_folder(model_dir, (fold,), checkpoint)
+    net = p.network.eval()
+    net = getattr(net, "_orig_mod", net)
+    num_classes = p.label_manager.num_segmentation_heads
+    folder = os.path.join(str(nnUNet_preprocessed), DATASET, "nnUNetPlans_3d_fullres")
+    ds = infer_dataset_class(folder)(folder, cases)
+    combos = mirror_combinations([2, 3, 4])
+    outputs = ["last", "mean"] if diffusion else ["logits"]
+    dice = {o: {str(c): {} for c in combos} | {"mean of 8": {}} for o in outputs}
+
+    def fg_dice(prob, ref):
+        pred = prob.argmax(1)[0]
+        vals = []
+        for c in range(1, num_classes):
+            a, b = pred == c, ref == c
+            den = int(a.sum() + b.sum())
+            vals.append(2 * float((a & b).sum()) / den if den else 1.0)
+        return float(np.mean(vals))
+
+    for case in cases:
+        data, seg, *_ = ds.load_case(case)
+        data, ref = torch.from_numpy(np.asarray(data)).float()[None], torch.from_numpy(np.asarray(seg))[0].long()
+        shape = data.shape[2:]
+        pad = [-s % 16 for s in shape]
+        x = torch.nn.functional.pad(data, [v for q in reversed(pad) for v in (q // 2, q - q // 2)])
+        crop = (slice(None), slice(None), *(slice(q // 2, q // 2 + s) for q, s in zip(pad, shape)))
+        g = torch.Generator().manual_seed(0)
+        noise = [torch.randn((1, num_classes, *x.shape[2:]), generator=g) for _ in range(5)] if diffusion else None
+        probs = {o: [] for o in outputs}
+        with torch.no_grad():
+            for combo in combos:
+                if diffusion:
+                    steps = []
+                    p_sample_loop(net.denoise, x, net.schedule(5), num_classes, prediction=net.config.prediction,
+                                  noise=noise, mirrors=[combo], self_condition=net.config.self_condition,
+                                  on_step=lambda k, t, x0, out: steps.append(torch.softmax(out.float(), 1)[crop]))
+                    got = {"last": steps[-1], "mean": torch.stack(steps).mean(0)}
+                else:
+                    out = net(torch.flip(x, combo))
+                    out = out[0] if isinstance(out, (list, tuple)) else out
+                    got = {"logits": torch.softmax(torch.flip(out, combo).float(), 1)[crop]}
+                for o in outputs:
+                    probs[o].append(got[o])
+                    dice[o][str(combo)][case] = fg_dice(got[o], ref)
+        for o in outputs:
+            dice[o]["mean of 8"][case] = fg_dice(torch.stack(probs[o]).mean(0), ref)
+    return {"per_case": dice, "mean": {o: {k: float(np.mean(list(v.values()))) for k, v in d.items()}
+                                        for o, d in dice.items()}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-o", required=True)
@@ -175,6 +253,8 @@ def main(argv=None) -> int:
     ap.add_argument("-device", default="cpu")
     ap.add_argument("--trainers", nargs="+", default=DEFAULT_TRAINERS)
     ap.add_argument("--skip-training", action="store_true", help="only evaluate trainers that finished")
+    ap.add_argument("--mirrors-only", action="store_true",
+                    help="for trained models of --trainers, only (re)compute the per-mirroring diagnosis")
     args = ap.parse_args(argv)
 
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
@@ -201,6 +281,20 @@ def main(argv=None) -> int:
     result.setdefault("methods", {})
     diagnosis = {}
     stock = budget_name("nnUNetTrainer", epochs, iters)
+    diag_path = os.path.join(out, "diagnosis.json")
+    if args.mirrors_only:
+        old = json.load(open(diag_path)) if os.path.isfile(diag_path) else {}
+        for base in args.trainers:
+            trainer = budget_name(base, epochs, iters)
+            model_dir = os.path.join(str(nnUNet_results), DATASET, f"{trainer}__nnUNetPlans__{CONFIG}")
+            print(f"{trainer}: per-mirroring diagnosis on {len(cases)} cases", flush=True)
+            old.setdefault(trainer, {})["mirrors"] = mirror_dependence(model_dir, args.fold, cases, args.device,
+                                                                       base.startswith("Diffusion"))
+            with open(diag_path, "w") as f:
+                json.dump(old, f, indent=1)
+        write_tables(result, out)
+        print(open(os.path.join(out, "accuracy.md")).read())
+        return 0
     for base in args.trainers:
         trainer = budget_name(base, epochs, iters)
         model_dir = os.path.join(str(nnUNet_results), DATASET, f"{trainer}__nnUNetPlans__{CONFIG}")
@@ -230,15 +324,24 @@ def main(argv=None) -> int:
                 steps[suffix[1:]] = {c: v["case"]["dice"] for c, v in ev["cases"].items()}
             entry["steps"] = steps
             diagnosis[trainer] = logits_dependence_on_t(model_dir, args.fold, cases, args.device)
+        diagnosis.setdefault(trainer, {})["mirrors"] = mirror_dependence(model_dir, args.fold, cases, args.device,
+                                                                         diffusion)
         entry["seconds"] = round(time.time() - t0, 1)
+        entry["date"] = training_start(trainer, out)
+        previous = result["methods"].get(base)
+        if previous is not None and previous["modes"].get("mirror") != entry["modes"]["mirror"]:
+            # another training run of the same trainer (a fresh workspace): keep the earlier one, it measures
+            # run-to-run variation
+            previous.setdefault("date", training_start(previous["trainer"], out, before=entry["date"]))
+            result.setdefault("earlier_runs", {}).setdefault(base, []).append(previous)
         result["methods"][base] = entry
         with open(result_path, "w") as f:
             json.dump(result, f, indent=1)
         if diagnosis:
-            old = json.load(open(os.path.join(out, "diagnosis.json"))) if os.path.isfile(
-                os.path.join(out, "diagnosis.json")) else {}
-            old.update(diagnosis)
-            with open(os.path.join(out, "diagnosis.json"), "w") as f:
+            old = json.load(open(diag_path)) if os.path.isfile(diag_path) else {}
+            for name, d in diagnosis.items():
+                old.setdefault(name, {}).update(d)
+            with open(diag_path, "w") as f:
                 json.dump(old, f, indent=1)
         if base != "nnUNetTrainer" and "nnUNetTrainer" in result["methods"]:
             stock_dir = os.path.join(str(nnUNet_results), DATASET, f"{stock}__nnUNetPlans__{CONFIG}")
@@ -287,6 +390,23 @@ def write_tables(result: Dict, out: str) -> None:
                 cells = [f"{np.mean(a) - np.mean(r):+.4f}", f"{paired_tests(a, r)['t_pvalue']:.2g}"]
             lines.append(f"| {name} | {mode} | {np.mean(list(dice.values())):.4f} | {cells[0]} | {cells[1]} | "
                          f"{e['training']['training_s']:.0f} |")
+    earlier = result.get("earlier_runs", {})
+    if earlier:
+        lines += ["", "## Run-to-run variation: earlier training runs of the same trainer", "",
+                  "Same plans, split and budget, another training run (nnU-Net does not fix its seeds). Δ and p: "
+                  "the earlier run against the run in the table above, same mode, paired over cases.", "",
+                  "| method | run | mode | Dice | Δ vs the run above | p |", "|---|---|---|---|---|---|"]
+        for name, runs in earlier.items():
+            for run in runs:
+                for mode, dice in run["modes"].items():
+                    ref = methods.get(name, {}).get("modes", {}).get(mode)
+                    cells = ["–", "–"]
+                    if ref:
+                        cs = sorted(set(dice) & set(ref))
+                        a, r = [dice[c] for c in cs], [ref[c] for c in cs]
+                        cells = [f"{np.mean(a) - np.mean(r):+.4f}", f"{paired_tests(a, r)['t_pvalue']:.2g}"]
+                    lines.append(f"| {name} | {run.get('date', 'earlier')} | {mode} | "
+                                 f"{np.mean(list(dice.values())):.4f} | {cells[0]} | {cells[1]} |")
     diag_path = os.path.join(out, "diagnosis.json")
     diag = json.load(open(diag_path)) if os.path.isfile(diag_path) else {}
     for name, e in methods.items():
@@ -300,11 +420,23 @@ def write_tables(result: Dict, out: str) -> None:
             if mode.startswith("off"):
                 label = "chain output (last step)" if mode == "off" else f"mean of last {mode[8:]} steps"
                 lines.append(f"| {label} | {np.mean(list(dice.values())):.4f} |")
-        if e["trainer"] in diag:
+        if "noise" in diag.get(e["trainer"], {}):
             d = diag[e["trainer"]]
             lines += ["", f"Relative L2 change of the logits between t = 0 and t = 1000 (same image patch and x_t, "
                           f"5 cases): x_t pure noise {d['noise']['mean']:.3f}; x_t = ground truth noised to t = 500 "
                           f"{d['gt_t500']['mean']:.3f}."]
+    mirrored = [(name, e["trainer"]) for name, e in methods.items() if "mirrors" in diag.get(e["trainer"], {})]
+    if mirrored:
+        lines += ["", "## Per-mirroring diagnosis: each of nnU-Net's 8 test-time mirrorings alone, and their mean", "",
+                  "Whole cases on the preprocessed grid (no sliding window), mean foreground Dice over the validation "
+                  "cases. Stock: one network evaluation per mirroring; diffusion: one 5-step chain per mirroring (same "
+                  "noise), the last step's output and the mean probability of all steps. Mirrored axes are tensor axes "
+                  "2-4 (the three spatial axes).", ""]
+        cols = [(name, trainer, o) for name, trainer in mirrored for o in diag[trainer]["mirrors"]["mean"]]
+        lines += ["| mirroring | " + " | ".join(f"{n} ({o})" for n, _, o in cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        for k in diag[cols[0][1]]["mirrors"]["mean"][cols[0][2]]:
+            lines.append(f"| {k} | " + " | ".join(f"{diag[t]['mirrors']['mean'][o][k]:.4f}" for _, t, o in cols) + " |")
     with open(os.path.join(out, "accuracy.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -48,6 +48,10 @@ class DiffusionConfig:
     ema_halflife: exponential moving average of the weights for validation, export and prediction, as a
         fraction of the training run: an update's weight halves after ``ema_halflife`` x (epochs x iterations
         per epoch) iterations, so the same value suits short and long budgets. 0: no average (the paper).
+    self_condition: self-conditioning (Chen et al. 2022, "Analog Bits"): C more input channels carry the
+        model's previous estimate x0_hat (in training: the estimate of a first, gradient-free pass on the same
+        x_t for a random half of the batch, zeros for the other half; in the chain: the previous step's x0_hat,
+        zeros at the first step). Not the paper's.
 
     The defaults are the paper's configuration; ``DiffusionTrainer`` may use another (see trainer.py).
     """
@@ -67,6 +71,7 @@ class DiffusionConfig:
     average_last: int = 1
     zero_init_mask_input: bool = False
     ema_halflife: float = 0.0
+    self_condition: bool = False
 
     def __post_init__(self) -> None:
         _check_int("num_steps", self.num_steps, self.num_base_levels)

@@ -101,7 +101,8 @@ def first_convolution(module: nn.Module, in_channels: int) -> nn.Module:
 
 
 def zero_mask_input_weights(unet: nn.Module, num_image_channels: int, num_classes: int) -> None:
-    """Zero the input convolution's weights on the mask channels (``DiffusionConfig.zero_init_mask_input``)."""
+    """Zero the input convolution's weights on the mask channels (``DiffusionConfig.zero_init_mask_input``):
+    ``num_classes`` is the number of channels after the image's (C, or 2 C with self-conditioning)."""
     conv = first_convolution(unet, num_image_channels + num_classes)
     with torch.no_grad():
         conv.weight[:, num_image_channels:].zero_()
@@ -140,8 +141,10 @@ class DiffusionUNet(nn.Module):
         self.default_sampling = SamplingSettings.from_config(config)
         self._schedules: Dict[int, Schedule] = {}
         self.training_schedule = config.training_schedule()
+        # channels after the image's: x_t, and with self-conditioning the previous estimate of x0
+        self.mask_channels = num_classes * (2 if config.self_condition else 1)
         if config.zero_init_mask_input:
-            zero_mask_input_weights(unet, num_image_channels, num_classes)
+            zero_mask_input_weights(unet, num_image_channels, self.mask_channels)
 
     # nnU-Net's set_deep_supervision_enabled reaches network.decoder.deep_supervision
     @property
@@ -171,9 +174,12 @@ class DiffusionUNet(nn.Module):
             film.scale = film.shift = None
 
     def denoise(self, image: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> NetworkOutput:
-        """One denoising step, see class docstring."""
-        if xt.shape[1] != self.num_classes:
-            raise ValueError(f"xt must have {self.num_classes} channels, got {xt.shape[1]}")
+        """One denoising step, see class docstring. With self-conditioning, ``xt`` may carry the previous
+        estimate of x0 as C more channels; with C channels only, that estimate is zeros (none yet)."""
+        if self.mask_channels != self.num_classes and xt.shape[1] == self.num_classes:
+            xt = torch.cat([xt, torch.zeros_like(xt)], dim=1)
+        if xt.shape[1] != self.mask_channels:
+            raise ValueError(f"xt must have {self.mask_channels} channels, got {xt.shape[1]}")
         self._condition(t, image.shape[0])
         try:
             return self.unet(torch.cat([image, xt.to(image.dtype)], dim=1))
@@ -194,7 +200,7 @@ class DiffusionUNet(nn.Module):
         return p_sample_loop(self.denoise, image, self.schedule(settings.num_steps), self.num_classes,
                              sampler=settings.sampler, prediction=self.config.prediction, generator=generator,
                              noise=noise, mirrors=mirrors, average_last=settings.average_last, chains=chains,
-                             mirror_batch=mirror_batch, on_step=on_step)
+                             mirror_batch=mirror_batch, on_step=on_step, self_condition=self.config.self_condition)
 
     def forward(self, image: torch.Tensor, xt: Optional[torch.Tensor] = None,
                 t: Optional[torch.Tensor] = None) -> NetworkOutput:

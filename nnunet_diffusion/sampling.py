@@ -197,7 +197,8 @@ def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule
                   average_last: int = 1,
                   chains: Optional[Sequence[Tuple[int, ...]]] = None,
                   mirror_batch: Optional[int] = None,
-                  on_step: Optional[StepHook] = None) -> NetworkOutput:
+                  on_step: Optional[StepHook] = None,
+                  self_condition: bool = False) -> NetworkOutput:
     """Run the K-step chain and return the segmentation logits (the only loop over sampling steps).
 
     Recipe (METHOD.md section 4):
@@ -221,6 +222,8 @@ def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule
         out-of-memory error). 1 gives one call per mirroring.
     on_step: called as ``on_step(k, t_k, x0_hat, logits)`` after every step (diagnostics); with ``chains`` the
         tensors hold every chain along the batch (chain-major).
+    self_condition: the network also sees the previous step's x0_hat (zeros at the first step) as C channels
+        after x_t; mirrorings flip it with x_t.
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
@@ -247,23 +250,27 @@ def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule
     if G > 1:
         image = image.repeat(G, *([1] * (image.ndim - 1)))
     xt = draw()
+    previous = torch.zeros_like(xt) if self_condition else None  # self-conditioning: the last x0_hat
     kept: List[NetworkOutput] = []
     for j, k in enumerate(range(K, 0, -1)):
         i = k - 1
         t_k = int(schedule.timesteps[i])
         t = torch.full((image.shape[0],), t_k, dtype=torch.long, device=image.device)
+        net_in = xt if previous is None else torch.cat([xt, previous.to(xt.dtype)], dim=1)
         if chains:
-            net_out = _cat_outputs(groups(denoise_fn, image, xt, t, list(chains)))
+            net_out = _cat_outputs(groups(denoise_fn, image, net_in, t, list(chains)))
         else:
             step_mirrors = list(plan(j, k))
             if len(step_mirrors) == 1:
-                net_out = mirrored(denoise_fn, step_mirrors[0])(image, xt, t)
+                net_out = mirrored(denoise_fn, step_mirrors[0])(image, net_in, t)
             else:
                 M = len(step_mirrors)
                 rep = (M, *([1] * (image.ndim - 1)))
-                net_out = _mean_outputs(groups(denoise_fn, image.repeat(rep), xt.repeat(rep), t.repeat(M),
+                net_out = _mean_outputs(groups(denoise_fn, image.repeat(rep), net_in.repeat(rep), t.repeat(M),
                                                step_mirrors))
         x0_hat, output = interpret_output(net_out, xt, float(schedule.alpha_bar[i]), prediction)
+        if previous is not None:
+            previous = x0_hat
         if on_step is not None:
             on_step(k, t_k, x0_hat, output)
         if k <= average_last:

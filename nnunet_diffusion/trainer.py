@@ -36,7 +36,7 @@ from nnunet_diffusion.config import DiffusionConfig
 from nnunet_diffusion.ema import WeightAverage, ema_decay
 from nnunet_diffusion.network import DiffusionUNet
 from nnunet_diffusion.sampling import encode_mask, full_resolution
-from nnunet_diffusion.training import NoisyBatch, full_resolution_pass, make_noisy_mask
+from nnunet_diffusion.training import NoisyBatch, full_resolution_pass, make_noisy_mask, self_condition_input
 
 
 class DiffusionTrainer(nnUNetTrainer):
@@ -56,7 +56,7 @@ class DiffusionTrainer(nnUNetTrainer):
             configuration_manager.network_arch_class_name,
             configuration_manager.network_arch_init_kwargs,
             configuration_manager.network_arch_init_kwargs_req_import,
-            num_input_channels + num_output_channels,
+            num_input_channels + num_output_channels * (2 if cls.diffusion.self_condition else 1),
             num_output_channels,
             allow_init=True,
             deep_supervision=enable_deep_supervision)
@@ -95,11 +95,15 @@ class DiffusionTrainer(nnUNetTrainer):
         recycle pass computes full resolution only; a supervised one keeps nnU-Net's deep supervision."""
         cfg = self.diffusion
         x0 = encode_mask(full_resolution(target), self.label_manager.num_segmentation_heads)
-        recycle_fn = self.network if cfg.supervise_recycle else \
-            full_resolution_pass(self.network, self.diffusion_network.decoder)
-        return make_noisy_mask(recycle_fn, data, x0, self.diffusion_network.training_schedule,
-                               recycle=cfg.recycle, prediction=cfg.prediction, recycle_source=cfg.recycle_source,
-                               supervise_recycle=cfg.supervise_recycle)
+        full_res = full_resolution_pass(self.network, self.diffusion_network.decoder)
+        recycle_fn = self.network if cfg.supervise_recycle else full_res
+        noisy = make_noisy_mask(recycle_fn, data, x0, self.diffusion_network.training_schedule,
+                                recycle=cfg.recycle, prediction=cfg.prediction, recycle_source=cfg.recycle_source,
+                                supervise_recycle=cfg.supervise_recycle)
+        if cfg.self_condition:
+            noisy.condition = self_condition_input(full_res, data, noisy, cfg.prediction,
+                                                   self.diffusion_network.training_schedule)
+        return noisy
 
     def loss_of(self, output, target, noisy: NoisyBatch) -> torch.Tensor:
         """nnU-Net's (deep-supervised) Dice + CE of one pass's output."""
@@ -107,7 +111,7 @@ class DiffusionTrainer(nnUNetTrainer):
 
     def compute_loss(self, data: torch.Tensor, target, noisy: NoisyBatch) -> torch.Tensor:
         """The supervised pass's loss; with ``supervise_recycle`` the mean of it and the recycle pass's."""
-        loss = self.loss_of(self.network(data, noisy.xt, noisy.t), target, noisy)
+        loss = self.loss_of(self.network(data, noisy.network_input(), noisy.t), target, noisy)
         if noisy.recycled is not None:
             loss = 0.5 * (loss + self.loss_of(noisy.recycled.output, target, noisy.recycled.batch))
         return loss

@@ -27,6 +27,11 @@ class NoisyBatch:
     t: torch.Tensor
     eps: torch.Tensor
     recycled: Optional["RecyclePass"] = None
+    condition: Optional[torch.Tensor] = None  # self-conditioning: the previous estimate of x0 (zeros if none)
+
+    def network_input(self) -> torch.Tensor:
+        """The mask channels of the supervised pass: x_t, and the self-conditioning estimate if any."""
+        return self.xt if self.condition is None else torch.cat([self.xt, self.condition], dim=1)
 
 
 @dataclass
@@ -103,3 +108,20 @@ def make_noisy_mask(denoise_fn: Callable, image: torch.Tensor, x0: torch.Tensor,
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     xt = schedule.q_sample(source, k, eps)
     return NoisyBatch(xt=xt, k=k, t=schedule.timesteps_of(k), eps=eps, recycled=recycled)
+
+
+def self_condition_input(denoise_fn: FullResDenoiseFn, image: torch.Tensor, noisy: NoisyBatch, prediction: str,
+                         schedule: Schedule, p_keep: float = 0.5,
+                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Self-conditioning input of a training step (Chen et al. 2022): x0_hat of a first, gradient-free pass on
+    the same x_t with no estimate (zeros), kept for each sample with probability ``p_keep`` and zeros otherwise
+    (so the network learns both the chain's first step and the steps after it). ``(B, C, *spatial)``."""
+    zeros = torch.zeros_like(noisy.xt)
+    keep = torch.rand(noisy.xt.shape[0], generator=generator, device=noisy.xt.device) < p_keep
+    if not keep.any():
+        return zeros
+    with torch.no_grad():
+        out = denoise_fn(image, torch.cat([noisy.xt, zeros], dim=1), noisy.t)
+        x0_hat, _ = interpret_output(out, noisy.xt, schedule.extract("alpha_bar", noisy.k, noisy.xt.ndim), prediction)
+    shape = (-1, *([1] * (noisy.xt.ndim - 1)))
+    return torch.where(keep.view(shape), x0_hat.detach().to(noisy.xt.dtype), zeros)

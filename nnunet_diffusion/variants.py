@@ -18,7 +18,8 @@ from nnunet_diffusion.training import NoisyBatch
 __all__ = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTrainer_predictNoise",
            "DiffusionTrainer_1000steps", "DiffusionTrainer_paper", "DiffusionTrainer_supervisedRecycle",
            "DiffusionTrainer_supervisedRecycleFromNoise", "DiffusionTrainer_chainMean",
-           "DiffusionTrainer_zeroInitMaskInput", "DiffusionTrainer_ema"]
+           "DiffusionTrainer_zeroInitMaskInput", "DiffusionTrainer_ema",
+           "DiffusionTrainer_selfCondition"]
 
 PAPER = DiffusionConfig()
 
@@ -60,6 +61,12 @@ class DiffusionTrainer_ema(DiffusionTrainer):
     the weights whose half-life is 5 % of the run (30 iterations of a 12 x 50 run, 12,500 of nnU-Net's 1000 x
     250)."""
     diffusion = replace(PAPER, ema_halflife=0.05)
+
+
+class DiffusionTrainer_selfCondition(DiffusionTrainer):
+    """The paper's method with self-conditioning: the network also sees its previous estimate of x0 (a first,
+    gradient-free pass on the same x_t for half of each batch in training; the previous step in the chain)."""
+    diffusion = replace(PAPER, self_condition=True)
 
 
 class DiffusionTrainer_noRecycle(DiffusionTrainer):

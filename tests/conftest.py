@@ -36,7 +36,8 @@ def tiny_unet(dim: int = 3, in_channels: int = 3, num_classes: int = 3, deep_sup
 def tiny_diffusion_net(dim: int = 3, image_channels: int = 1, num_classes: int = 3, deep_supervision=False,
                        arch: str = "plain", config: DiffusionConfig = DiffusionConfig()) -> DiffusionUNet:
     torch.manual_seed(0)
-    unet = tiny_unet(dim, image_channels + num_classes, num_classes, deep_supervision, arch)
+    unet = tiny_unet(dim, image_channels + num_classes * (2 if config.self_condition else 1), num_classes,
+                     deep_supervision, arch)
     return DiffusionUNet(unet, image_channels, num_classes, config, time_embed_dim=16)
 
 
