@@ -255,6 +255,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-training", action="store_true", help="only evaluate trainers that finished")
     ap.add_argument("--mirrors-only", action="store_true",
                     help="for trained models of --trainers, only (re)compute the per-mirroring diagnosis")
+    ap.add_argument("--mirror-cases", type=int, default=0,
+                    help="per-mirroring diagnosis on the first N validation cases (sorted; 0: all)")
     args = ap.parse_args(argv)
 
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
@@ -282,14 +284,15 @@ def main(argv=None) -> int:
     diagnosis = {}
     stock = budget_name("nnUNetTrainer", epochs, iters)
     diag_path = os.path.join(out, "diagnosis.json")
+    mirror_cases = cases[:args.mirror_cases] if args.mirror_cases > 0 else cases
     if args.mirrors_only:
         old = json.load(open(diag_path)) if os.path.isfile(diag_path) else {}
         for base in args.trainers:
             trainer = budget_name(base, epochs, iters)
             model_dir = os.path.join(str(nnUNet_results), DATASET, f"{trainer}__nnUNetPlans__{CONFIG}")
-            print(f"{trainer}: per-mirroring diagnosis on {len(cases)} cases", flush=True)
-            old.setdefault(trainer, {})["mirrors"] = mirror_dependence(model_dir, args.fold, cases, args.device,
-                                                                       base.startswith("Diffusion"))
+            print(f"{trainer}: per-mirroring diagnosis on {len(mirror_cases)} cases", flush=True)
+            old.setdefault(trainer, {})["mirrors"] = mirror_dependence(model_dir, args.fold, mirror_cases,
+                                                                       args.device, base.startswith("Diffusion"))
             with open(diag_path, "w") as f:
                 json.dump(old, f, indent=1)
         write_tables(result, out)
@@ -324,8 +327,8 @@ def main(argv=None) -> int:
                 steps[suffix[1:]] = {c: v["case"]["dice"] for c, v in ev["cases"].items()}
             entry["steps"] = steps
             diagnosis[trainer] = logits_dependence_on_t(model_dir, args.fold, cases, args.device)
-        diagnosis.setdefault(trainer, {})["mirrors"] = mirror_dependence(model_dir, args.fold, cases, args.device,
-                                                                         diffusion)
+        diagnosis.setdefault(trainer, {})["mirrors"] = mirror_dependence(model_dir, args.fold, mirror_cases,
+                                                                         args.device, diffusion)
         entry["seconds"] = round(time.time() - t0, 1)
         entry["date"] = training_start(trainer, out)
         previous = result["methods"].get(base)
@@ -428,12 +431,13 @@ def write_tables(result: Dict, out: str) -> None:
     mirrored = [(name, e["trainer"]) for name, e in methods.items() if "mirrors" in diag.get(e["trainer"], {})]
     if mirrored:
         lines += ["", "## Per-mirroring diagnosis: each of nnU-Net's 8 test-time mirrorings alone, and their mean", "",
-                  "Whole cases on the preprocessed grid (no sliding window), mean foreground Dice over the validation "
-                  "cases. Stock: one network evaluation per mirroring; diffusion: one 5-step chain per mirroring (same "
+                  "Whole cases on the preprocessed grid (no sliding window), mean foreground Dice over the first N "
+                  "validation cases (sorted; N per column). Stock: one network evaluation per mirroring; diffusion: one 5-step chain per mirroring (same "
                   "noise), the last step's output and the mean probability of all steps. Mirrored axes are tensor axes "
                   "2-4 (the three spatial axes).", ""]
         cols = [(name, trainer, o) for name, trainer in mirrored for o in diag[trainer]["mirrors"]["mean"]]
-        lines += ["| mirroring | " + " | ".join(f"{n} ({o})" for n, _, o in cols) + " |",
+        lines += ["| mirroring | " + " | ".join(f"{n} ({o}, N = {len(diag[t]['mirrors']['per_case'][o]['()'])})"
+                                                for n, t, o in cols) + " |",
                   "|---|" + "---|" * len(cols)]
         for k in diag[cols[0][1]]["mirrors"]["mean"][cols[0][2]]:
             lines.append(f"| {k} | " + " | ".join(f"{diag[t]['mirrors']['mean'][o][k]:.4f}" for _, t, o in cols) + " |")
