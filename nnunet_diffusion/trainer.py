@@ -269,15 +269,20 @@ def read_checkpoint(filename: str) -> dict:
     return checkpoint
 
 
+# settings that only decide how a network is initialised: trained weights mean the same whatever they were
+INITIALISATION_ONLY = frozenset({"zero_init_mask_input"})
+
+
 def check_diffusion_settings(checkpoint: dict, expected: DiffusionConfig, source: str) -> None:
-    """Refuse a checkpoint whose recorded diffusion settings differ from ``expected``."""
+    """Refuse a checkpoint whose recorded diffusion settings differ from ``expected`` (settings that only
+    decide the initialisation, :data:`INITIALISATION_ONLY`, may differ)."""
     saved = checkpoint.get("diffusion")
     if saved is None:
         raise ValueError(f"{source} holds no diffusion settings: it was not written by a DiffusionTrainer "
                          f"(trainer {checkpoint.get('trainer_name')!r}).")
     want = expected.to_dict()
     saved = DiffusionConfig.from_dict(saved).to_dict()  # fields added later get the value they had before
-    diff = {k: (saved[k], v) for k, v in want.items() if saved[k] != v}
+    diff = {k: (saved[k], v) for k, v in want.items() if saved[k] != v and k not in INITIALISATION_ONLY}
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs trainer {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{source} was trained with other diffusion settings ({detail}); refusing to load it. "

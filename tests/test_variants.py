@@ -176,3 +176,14 @@ def test_zero_init_mask_input_trainer_starts_blind_to_xt(make_trainer):
         mask_weights = conv.weight[:, net.num_image_channels:]
         assert mask_weights.shape[1] == net.num_classes
         assert (mask_weights.abs().sum().item() == 0) == zero
+
+
+def test_initialisation_only_settings_do_not_refuse_a_checkpoint():
+    """zero_init_mask_input decides only the initial weights: a model trained with the paper's initialisation
+    loads into a trainer that zero-initialises (and back); a setting that changes training or sampling does not."""
+    from nnunet_diffusion.variants import DiffusionTrainer_paper, DiffusionTrainer_zeroInitMaskInput
+    paper, zero = DiffusionTrainer_paper.diffusion, DiffusionTrainer_zeroInitMaskInput.diffusion
+    check_diffusion_settings({"diffusion": paper.to_dict()}, zero, "x")
+    check_diffusion_settings({"diffusion": zero.to_dict()}, paper, "x")
+    with pytest.raises(ValueError, match="recycle_source"):
+        check_diffusion_settings({"diffusion": replace(zero, recycle_source="noise").to_dict()}, paper, "x")
