@@ -393,6 +393,23 @@ def write_tables(result: Dict, out: str) -> None:
                 cells = [f"{np.mean(a) - np.mean(r):+.4f}", f"{paired_tests(a, r)['t_pvalue']:.2g}"]
             lines.append(f"| {name} | {mode} | {np.mean(list(dice.values())):.4f} | {cells[0]} | {cells[1]} | "
                          f"{e['training']['training_s']:.0f} |")
+    paper = methods.get("DiffusionTrainer_paper")
+    if paper is not None:
+        lines += ["", "## Candidates against the paper's configuration (`DiffusionTrainer_paper`)", "",
+                  "Same mode for both; Δ and p: paired t-test over cases (α = 0.01). A candidate becomes "
+                  "`DiffusionTrainer`'s default only when it is significantly better than the paper's configuration.",
+                  "", "| method | mode | Dice | paper's Dice | Δ vs paper | p |", "|---|---|---|---|---|---|"]
+        for name, e in methods.items():
+            if not name.startswith("Diffusion") or name == "DiffusionTrainer_paper":
+                continue
+            for mode, dice in e["modes"].items():
+                ref = paper["modes"].get(mode)
+                if not ref:
+                    continue
+                cs = sorted(set(dice) & set(ref))
+                a, r = [dice[c] for c in cs], [ref[c] for c in cs]
+                lines.append(f"| {name} | {mode} | {np.mean(a):.4f} | {np.mean(r):.4f} | "
+                             f"{np.mean(a) - np.mean(r):+.4f} | {paired_tests(a, r)['t_pvalue']:.2g} |")
     earlier = result.get("earlier_runs", {})
     if earlier:
         lines += ["", "## Run-to-run variation: earlier training runs of the same trainer", "",
