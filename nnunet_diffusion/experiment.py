@@ -2,6 +2,9 @@
 
 table1: nnUNetTrainer and DiffusionTrainer, in 2d and 3d_fullres (paper Table 1).
 table2: DiffusionTrainer and its four ablations in 3d_fullres (paper Table 2).
+Both use ``DiffusionTrainer``, the project's default (the paper's method with zero-initialised noisy-mask input
+weights); each table records the diffusion settings of every trainer it ran. The paper's exact configuration is
+``DiffusionTrainer_paper``.
 
 Every run is ``nnUNetv2_train D C F -tr <Trainer>_<E>ep<I>it`` (the same budget for all), so results
 live in nnU-Net's usual folders. A run whose fold has ``checkpoint_final.pth`` and a validation summary
@@ -24,6 +27,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Sequence, Tuple
+
+from nnunet_diffusion.config import DiffusionConfig
 
 TABLES: Dict[str, List[Tuple[str, str]]] = {
     "table1": [("nnUNetTrainer", "2d"), ("DiffusionTrainer", "2d"),
@@ -190,9 +195,16 @@ def write_table(table: str, reports: Dict, out_dir: str, budget, folds, device: 
                                                              for m in ("dice", "nsd", "hd95", "cd")) + " |")
     tests = [f"* {k}: paired t-test p = {r['tests']['t_pvalue']:.3g}, Wilcoxon p = "
              f"{r['tests']['wilcoxon_pvalue']:.3g} ({r['num_cases']} cases) — {r['verdict']}" for k, r in reports.items()]
+    from nnunet_diffusion.budget import _find_base
+    settings = []
+    for method in sorted({m for m, _ in seen}):
+        cfg = getattr(_find_base(method), "diffusion", None)
+        if cfg is not None:
+            changed = {k: v for k, v in cfg.to_dict().items() if v != DiffusionConfig().to_dict()[k]}
+            settings.append(f"* {method}: the paper's configuration" + (f" with {changed}" if changed else ""))
     text = "\n".join([f"# {table}: budget {budget[0]} epochs x {budget[1]} iterations, folds {list(folds)}, {device}",
                       "", "| method | configuration | DS | NSD | HD95 (mm) | CD (mm) |", "|---|---|---|---|---|---|",
-                      *rows, "", *tests, ""])
+                      *rows, "", *tests, "", "Diffusion settings:", *settings, ""])
     path = os.path.join(out_dir, f"{table}.md")
     with open(path, "w") as f:
         f.write(text)

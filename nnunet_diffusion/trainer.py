@@ -40,9 +40,12 @@ from nnunet_diffusion.training import NoisyBatch, full_resolution_pass, make_noi
 
 
 class DiffusionTrainer(nnUNetTrainer):
-    """nnU-Net trainer for the paper's diffusion model: K = 5, recycling, x0 prediction, Dice + CE."""
+    """nnU-Net trainer for the paper's diffusion model (K = 5, recycling, x0 prediction, Dice + CE) with the
+    accuracy study's winner: the input convolution's weights on the noisy-mask channels start at zero
+    (``zero_init_mask_input``; significantly better than the paper's initialisation at equal budget, see the
+    README). The paper's exact configuration is ``DiffusionTrainer_paper``."""
 
-    diffusion: ClassVar[DiffusionConfig] = DiffusionConfig()
+    diffusion: ClassVar[DiffusionConfig] = DiffusionConfig(zero_init_mask_input=True)
     skipped_updates: int = 0  # training steps whose loss was not finite
     _weight_average = None  # WeightAverage when diffusion.ema_halflife > 0, created on first use
     _raw_weights = None  # the trained weights while validation runs on the average

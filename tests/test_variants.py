@@ -169,7 +169,8 @@ def test_use_dice_drives_the_loss(make_trainer):
 def test_zero_init_mask_input_trainer_starts_blind_to_xt(make_trainer):
     """DiffusionTrainer_zeroInitMaskInput: nnU-Net's initialised trainer holds zero input weights on the mask
     channels (nothing re-initialises them after the network is built); the paper's trainer does not."""
-    for name, zero in (("DiffusionTrainer_zeroInitMaskInput_1ep1it", True), ("DiffusionTrainer_paper_1ep1it", False)):
+    for name, zero in (("DiffusionTrainer_zeroInitMaskInput_1ep1it", True), ("DiffusionTrainer_paper_1ep1it", False),
+                       ("DiffusionTrainer_1ep1it", True)):  # the default since the accuracy study
         tr = make_trainer(name)
         net = tr.diffusion_network
         conv = next(m for m in net.unet.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
