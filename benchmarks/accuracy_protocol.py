@@ -190,6 +190,7 @@ def mirror_dependence(model_dir: str, fold: int, cases: List[str], device: str, 
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
+    from nnunet_diffusion.demo import dice_per_class
     from nnunet_diffusion.predictor import mirror_combinations
     from nnunet_diffusion.sampling import p_sample_loop
     p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, perform_everything_on_device=False,
@@ -205,13 +206,7 @@ def mirror_dependence(model_dir: str, fold: int, cases: List[str], device: str, 
     dice = {o: {str(c): {} for c in combos} | {"mean of 8": {}} for o in outputs}
 
     def fg_dice(prob, ref):
-        pred = prob.argmax(1)[0]
-        vals = []
-        for c in range(1, num_classes):
-            a, b = pred == c, ref == c
-            den = int(a.sum() + b.sum())
-            vals.append(2 * float((a & b).sum()) / den if den else 1.0)
-        return float(np.mean(vals))
+        return float(np.mean(dice_per_class(prob.argmax(1)[0].numpy(), ref.numpy(), range(1, num_classes))))
 
     for case in cases:
         data, seg, *_ = ds.load_case(case)
@@ -295,7 +290,8 @@ def main(argv=None) -> int:
                                                                        args.device, base.startswith("Diffusion"))
             with open(diag_path, "w") as f:
                 json.dump(old, f, indent=1)
-        write_tables(result, out)
+        # the tables' header (command, date) describes the runs in accuracy.json, not this diagnosis
+        write_tables(json.load(open(result_path)) if os.path.isfile(result_path) else result, out)
         print(open(os.path.join(out, "accuracy.md")).read())
         return 0
     for base in args.trainers:
@@ -365,9 +361,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def _paired(dice: Dict[str, float], ref: Dict[str, float]):
+    """Mean of ``dice`` and ``ref`` over their common cases, the difference and the paired t-test's p."""
+    from nnunet_diffusion.evaluation import paired_tests
+    cs = sorted(set(dice) & set(ref))
+    a, r = [dice[c] for c in cs], [ref[c] for c in cs]
+    return np.mean(a), np.mean(r), np.mean(a) - np.mean(r), paired_tests(a, r)["t_pvalue"]
+
+
 def write_tables(result: Dict, out: str) -> None:
     """accuracy.md from accuracy.json (and diagnosis.json): every number comes from those files."""
-    from nnunet_diffusion.evaluation import paired_tests
     from nnunet_diffusion.machine import describe
     methods = result["methods"]
     b = result["budget"]
@@ -387,10 +390,8 @@ def write_tables(result: Dict, out: str) -> None:
             ref_mode = "mirror" if mode == "mirror" else "off"
             cells = ["–", "–"]
             if stock is not None and name != "nnUNetTrainer" and ref_mode in stock["modes"]:
-                ref = stock["modes"][ref_mode]
-                cs = sorted(set(dice) & set(ref))
-                a, r = [dice[c] for c in cs], [ref[c] for c in cs]
-                cells = [f"{np.mean(a) - np.mean(r):+.4f}", f"{paired_tests(a, r)['t_pvalue']:.2g}"]
+                _, _, delta, p = _paired(dice, stock["modes"][ref_mode])
+                cells = [f"{delta:+.4f}", f"{p:.2g}"]
             lines.append(f"| {name} | {mode} | {np.mean(list(dice.values())):.4f} | {cells[0]} | {cells[1]} | "
                          f"{e['training']['training_s']:.0f} |")
     paper = methods.get("DiffusionTrainer_paper")
@@ -406,10 +407,8 @@ def write_tables(result: Dict, out: str) -> None:
                 ref = paper["modes"].get(mode)
                 if not ref:
                     continue
-                cs = sorted(set(dice) & set(ref))
-                a, r = [dice[c] for c in cs], [ref[c] for c in cs]
-                lines.append(f"| {name} | {mode} | {np.mean(a):.4f} | {np.mean(r):.4f} | "
-                             f"{np.mean(a) - np.mean(r):+.4f} | {paired_tests(a, r)['t_pvalue']:.2g} |")
+                a, r, delta, p = _paired(dice, ref)
+                lines.append(f"| {name} | {mode} | {a:.4f} | {r:.4f} | {delta:+.4f} | {p:.2g} |")
     earlier = result.get("earlier_runs", {})
     if earlier:
         lines += ["", "## Run-to-run variation: earlier training runs of the same trainer", "",
@@ -422,9 +421,8 @@ def write_tables(result: Dict, out: str) -> None:
                     ref = methods.get(name, {}).get("modes", {}).get(mode)
                     cells = ["–", "–"]
                     if ref:
-                        cs = sorted(set(dice) & set(ref))
-                        a, r = [dice[c] for c in cs], [ref[c] for c in cs]
-                        cells = [f"{np.mean(a) - np.mean(r):+.4f}", f"{paired_tests(a, r)['t_pvalue']:.2g}"]
+                        _, _, delta, p = _paired(dice, ref)
+                        cells = [f"{delta:+.4f}", f"{p:.2g}"]
                     lines.append(f"| {name} | {run.get('date', 'earlier')} | {mode} | "
                                  f"{np.mean(list(dice.values())):.4f} | {cells[0]} | {cells[1]} |")
     diag_path = os.path.join(out, "diagnosis.json")

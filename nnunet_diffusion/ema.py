@@ -20,6 +20,11 @@ def ema_decay(halflife_fraction: float, total_iterations: int) -> float:
     return 0.5 ** (1.0 / max(1.0, halflife_fraction * total_iterations))
 
 
+def _float32_copy(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Detached copies; floating-point entries in float32."""
+    return {k: (v.detach().float().clone() if v.is_floating_point() else v.detach().clone()) for k, v in state.items()}
+
+
 class WeightAverage:
     """EMA of ``module.state_dict()``: after update n, avg = d_n avg + (1 - d_n) w with
     d_n = min(decay, (1 + n) / (10 + n)) (the warm-up keeps the random initialisation from lingering in a short
@@ -30,9 +35,7 @@ class WeightAverage:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.decay = float(decay)
         self.updates = 0
-        self.state: Dict[str, torch.Tensor] = {
-            k: (v.detach().float().clone() if v.is_floating_point() else v.detach().clone())
-            for k, v in module.state_dict().items()}
+        self.state: Dict[str, torch.Tensor] = _float32_copy(module.state_dict())
 
     def current_decay(self) -> float:
         return min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
@@ -57,15 +60,19 @@ class WeightAverage:
         missing = set(self.state) ^ set(weights)
         if missing:
             raise ValueError(f"the checkpoint's weight average does not match the network (keys {sorted(missing)[:5]})")
-        self.state = {k: (v.detach().float().clone() if v.is_floating_point() else v.detach().clone())
-                      for k, v in weights.items()}
+        self.state = _float32_copy(weights)
         self.updates = int(updates)
+
+    def swap_into(self, module: nn.Module) -> Dict[str, torch.Tensor]:
+        """Load the average into ``module``; returns a copy of the weights it held (to load back later)."""
+        raw = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        module.load_state_dict(self.weights_for(module))
+        return raw
 
     @contextmanager
     def applied(self, module: nn.Module) -> Iterator[None]:
         """``module`` holds the average inside the block and its own weights again after it."""
-        raw = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        module.load_state_dict(self.weights_for(module))
+        raw = self.swap_into(module)
         try:
             yield
         finally:

@@ -15,7 +15,7 @@ nnU-Net methods overridden, each for one reason:
 * ``on_validation_epoch_start`` / ``_end`` and ``perform_actual_validation``: with an EMA, validate the
   average (and train on the raw weights again afterwards).
 
-``validation_step`` and ``perform_actual_validation`` stay stock: in eval mode
+``validation_step`` stays stock, and so does ``perform_actual_validation`` apart from the EMA: in eval mode
 ``network(image)`` runs the K-step sampler, so nnU-Net's pseudo Dice, sliding window,
 mirroring and export all see the logits the user will get.
 """
@@ -176,9 +176,7 @@ class DiffusionTrainer(nnUNetTrainer):
         """Overrides nnU-Net's hook: with an EMA, the epoch's pseudo Dice is the average's."""
         super().on_validation_epoch_start()
         if self.weight_average is not None:
-            net = self.diffusion_network
-            self._raw_weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            net.load_state_dict(self.weight_average.weights_for(net))
+            self._raw_weights = self.weight_average.swap_into(self.diffusion_network)
 
     def on_validation_epoch_end(self, val_outputs):
         """Overrides nnU-Net's hook: the raw weights come back before checkpoints are written."""
