@@ -361,6 +361,25 @@ def main(argv=None) -> int:
     return 0
 
 
+# the reference configurations candidates are compared with, in accuracy.md
+REFERENCES = [
+    ("DiffusionTrainer_paper", "the paper's configuration",
+     "A candidate became `DiffusionTrainer`'s default only when it was significantly better than the paper's "
+     "configuration."),
+    ("DiffusionTrainer_zeroInitMaskInput", "the current default's configuration",
+     "`DiffusionTrainer`'s default is this configuration; a candidate replaces it only when significantly better."),
+]
+
+
+def mode_label(trainer: str, mode: str) -> str:
+    """``mode`` as accuracy.md shows it: nnU-Net's mirrored validation says which output the trainer returns."""
+    if mode != "mirror" or not trainer.startswith("Diffusion"):
+        return mode
+    from nnunet_diffusion.budget import make_budget_trainer
+    cfg = make_budget_trainer(trainer).diffusion
+    return f"mirror, mean of {cfg.average_last}" if cfg.average_last > 1 else mode
+
+
 def _paired(dice: Dict[str, float], ref: Dict[str, float]):
     """Mean of ``dice`` and ``ref`` over their common cases, the difference and the paired t-test's p."""
     from nnunet_diffusion.evaluation import paired_tests
@@ -381,8 +400,9 @@ def write_tables(result: Dict, out: str) -> None:
              f"Command: `{result['command']}`", "",
              "Mean foreground Dice over cases; Δ and p (paired t-test, α = 0.01) against stock nnU-Net "
              "(`nnUNetTrainer`) in the same mirroring mode. `mirror`: nnU-Net's final validation with its default "
-             "mirroring (both methods); `off`: no mirroring; `off_meanM`: no mirroring, output = mean "
-             "probability of the last M steps.", "",
+             "mirroring (both methods), with the trainer's own output (the last step's x0_hat, or, shown as `mirror, mean of K`, the mean "
+             "probability of all K steps' x0_hat); `off`: no mirroring, the last step; "
+             "`off_meanM`: no mirroring, output = mean probability of the last M steps.", "",
              "| method | mode | Dice | Δ vs stock | p | training s |", "|---|---|---|---|---|---|"]
     stock = methods.get("nnUNetTrainer")
     for name, e in methods.items():
@@ -392,23 +412,26 @@ def write_tables(result: Dict, out: str) -> None:
             if stock is not None and name != "nnUNetTrainer" and ref_mode in stock["modes"]:
                 _, _, delta, p = _paired(dice, stock["modes"][ref_mode])
                 cells = [f"{delta:+.4f}", f"{p:.2g}"]
-            lines.append(f"| {name} | {mode} | {np.mean(list(dice.values())):.4f} | {cells[0]} | {cells[1]} | "
+            lines.append(f"| {name} | {mode_label(e['trainer'], mode)} | {np.mean(list(dice.values())):.4f} | "
+                         f"{cells[0]} | {cells[1]} | "
                          f"{e['training']['training_s']:.0f} |")
-    paper = methods.get("DiffusionTrainer_paper")
-    if paper is not None:
-        lines += ["", "## Candidates against the paper's configuration (`DiffusionTrainer_paper`)", "",
-                  "Same mode for both; Δ and p: paired t-test over cases (α = 0.01). A candidate becomes "
-                  "`DiffusionTrainer`'s default only when it is significantly better than the paper's configuration.",
-                  "", "| method | mode | Dice | paper's Dice | Δ vs paper | p |", "|---|---|---|---|---|---|"]
+    for ref_name, what, rule in REFERENCES:
+        ref_entry = methods.get(ref_name)
+        if ref_entry is None:
+            continue
+        lines += ["", f"## Candidates against {what} (`{ref_name}`)", "",
+                  f"Same mode for both; Δ and p: paired t-test over cases (α = 0.01). {rule}",
+                  "", f"| method | mode | Dice | {ref_name}'s Dice | Δ | p |", "|---|---|---|---|---|---|"]
         for name, e in methods.items():
-            if not name.startswith("Diffusion") or name == "DiffusionTrainer_paper":
+            if not name.startswith("Diffusion") or name in (ref_name, "DiffusionTrainer_paper"):
                 continue
             for mode, dice in e["modes"].items():
-                ref = paper["modes"].get(mode)
+                ref = ref_entry["modes"].get(mode)
                 if not ref:
                     continue
                 a, r, delta, p = _paired(dice, ref)
-                lines.append(f"| {name} | {mode} | {a:.4f} | {r:.4f} | {delta:+.4f} | {p:.2g} |")
+                lines.append(f"| {name} | {mode_label(e['trainer'], mode)} | {a:.4f} | {r:.4f} | {delta:+.4f} | "
+                             f"{p:.2g} |")
     earlier = result.get("earlier_runs", {})
     if earlier:
         lines += ["", "## Run-to-run variation: earlier training runs of the same trainer", "",

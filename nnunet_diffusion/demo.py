@@ -3,7 +3,8 @@
 Run ``python -m nnunet_diffusion.demo`` (or ``bash demo.sh``, which also installs). Everything
 lives under ``--out`` (default ``demo_output/``); no environment variables are needed.
 Steps: nnUNetv2_plan_and_preprocess -> DiffusionTrainer for a short budget (nnU-Net's own
-training loop) -> nnUNetv2_predict on the held-out cases -> Dice per case -> PNG of one slice.
+training loop) -> nnUNetv2_predict on the held-out cases -> nnUNetv2_predict_diffusion with a 4-sample
+ensemble and uncertainty maps -> Dice per case -> demo.png (image, ground truth, prediction, entropy, errors).
 """
 from __future__ import annotations
 
@@ -41,23 +42,33 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray, labels) -> list[float]:
     return out
 
 
-def save_slice_png(image: np.ndarray, ref: np.ndarray, pred: np.ndarray, path: str, title: str) -> None:
+def save_demo_png(image: np.ndarray, ref: np.ndarray, pred: np.ndarray, entropy: np.ndarray, path: str,
+                  title: str) -> int:
+    """One axial slice (the one with the most reference foreground) of a case: image, ground truth, prediction,
+    the entropy map, and the voxels where prediction and ground truth disagree. Returns the slice index."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    z = int(np.argmax((ref > 0).sum(axis=(1, 2))))  # the slice with the most foreground
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
-    cmap = matplotlib.colors.ListedColormap([(0, 0, 0, 0), (0.95, 0.3, 0.2, 0.6), (0.2, 0.6, 1.0, 0.6)])
-    for ax, (name, seg) in zip(axes, [("image", None), ("ground truth", ref), ("DiffusionTrainer", pred)]):
+    z = int(np.argmax((ref > 0).sum(axis=(1, 2))))
+    fig, axes = plt.subplots(1, 5, figsize=(15, 3.6))
+    labels = matplotlib.colors.ListedColormap([(0, 0, 0, 0), (0.95, 0.3, 0.2, 0.6), (0.2, 0.6, 1.0, 0.6)])
+    wrong = matplotlib.colors.ListedColormap([(0, 0, 0, 0), (1.0, 0.9, 0.1, 0.9)])
+    panels = [("image", None, None), ("ground truth", ref, labels), ("prediction (mean of 4 samples)", pred, labels),
+              ("entropy (nats)", None, None), ("prediction != ground truth", (pred != ref).astype(np.uint8), wrong)]
+    for ax, (name, overlay, cmap) in zip(axes, panels):
         ax.imshow(image[z], cmap="gray")
-        if seg is not None:
-            ax.imshow(seg[z], cmap=cmap, vmin=0, vmax=2, interpolation="nearest")
-        ax.set_title(name)
+        if overlay is not None:
+            ax.imshow(overlay[z], cmap=cmap, vmin=0, vmax=cmap.N - 1, interpolation="nearest")
+        if name.startswith("entropy"):
+            shown = ax.imshow(entropy[z], cmap="magma", vmin=0, vmax=float(np.log(3)), interpolation="nearest")
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+        ax.set_title(name, fontsize=10)
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return z
 
 
 def main(argv=None) -> int:
@@ -117,29 +128,64 @@ def main(argv=None) -> int:
     _run([_bin("nnUNetv2_predict"), "-i", os.path.join(raw, "imagesTs"), "-o", pred_dir, "-d", "504",
           "-c", "3d_fullres", "-f", "0", "-tr", trainer_name, "-device", args.device, "-npp", "1", "-nps", "1"], env)
 
-    # 4. Dice and a picture
+    # 4. the diffusion predictor: a 4-sample ensemble with per-voxel uncertainty (entropy, mutual information)
+    unc_dir = os.path.join(out, "predictions_uncertainty")
+    _run([_bin("nnUNetv2_predict_diffusion"), "-i", os.path.join(raw, "imagesTs"), "-o", unc_dir, "-d", "504",
+          "-c", "3d_fullres", "-f", "0", "-tr", trainer_name, "-device", args.device, "--num-samples", "4",
+          "--uncertainty", "-npp", "1", "-nps", "1"], env)
+
+    # 5. Dice, uncertainty and a picture
     import SimpleITK as sitk
+
+    def read(*parts):
+        return sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(*parts)))
+
     labels = [1, 2]
     rows = []
     for f in sorted(os.listdir(os.path.join(raw, "labelsTs"))):
-        ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(raw, "labelsTs", f)))
-        pred = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(pred_dir, f)))
-        rows.append((f[:-7], dice_per_class(pred, ref, labels)))
-    print(f"\n{'case':<18}{'anterior':>10}{'posterior':>11}{'mean':>8}")
-    for case, d in rows:
-        print(f"{case:<18}{d[0]:>10.3f}{d[1]:>11.3f}{np.mean(d):>8.3f}")
-    mean_fg = float(np.mean([np.mean(d) for _, d in rows]))
-    print(f"\nmean foreground Dice on {len(rows)} held-out cases: {mean_fg:.3f}")
+        case = f[:-7]
+        ref = read(raw, "labelsTs", f)
+        pred, ens = read(pred_dir, f), read(unc_dir, f)
+        ent = read(unc_dir, f"{case}_entropy.nii.gz")
+        fg = ens > 0
+        rows.append({"case": case, "nnUNetv2_predict": dice_per_class(pred, ref, labels),
+                     "diffusion_4_samples": dice_per_class(ens, ref, labels),
+                     "mean_entropy_foreground": float(ent[fg].mean()) if fg.any() else 0.0,
+                     "wrong_voxels": int((ens != ref).sum())})
+    print(f"\nDice per held-out case (anterior / posterior / mean) and the 4-sample model's uncertainty\n"
+          f"{'case':<18}{'nnUNetv2_predict':>24}{'4 samples':>24}{'entropy in fg':>15}")
+    for r in rows:
+        a, b = r["nnUNetv2_predict"], r["diffusion_4_samples"]
+        print(f"{r['case']:<18}{a[0]:>8.3f}{a[1]:>8.3f}{np.mean(a):>8.3f}{b[0]:>8.3f}{b[1]:>8.3f}{np.mean(b):>8.3f}"
+              f"{r['mean_entropy_foreground']:>15.3f}")
+    mean_fg = float(np.mean([np.mean(r["nnUNetv2_predict"]) for r in rows]))
+    mean_ens = float(np.mean([np.mean(r["diffusion_4_samples"]) for r in rows]))
+    print(f"\nmean foreground Dice on {len(rows)} held-out cases: nnUNetv2_predict {mean_fg:.3f}, "
+          f"nnUNetv2_predict_diffusion --num-samples 4 {mean_ens:.3f}")
+    print(f"(a {args.epochs} x {args.iters}-iteration training run on {len(os.listdir(os.path.join(raw, 'labelsTr')))} "
+          f"cases: a demonstration of the pipeline, not of the accuracy a full nnU-Net budget reaches)")
 
-    case = rows[0][0]
-    img = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(raw, "imagesTs", f"{case}_0000.nii.gz")))
-    ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(raw, "labelsTs", f"{case}.nii.gz")))
-    pred = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(pred_dir, f"{case}.nii.gz")))
-    png = os.path.join(out, "demo_slice.png")
-    save_slice_png(img, ref, pred, png, f"{case}: Dice {np.mean(rows[0][1]):.3f}")
-    json.dump({"trainer": trainer_name, "mean_foreground_dice": mean_fg,
-               "cases": {c: d for c, d in rows}}, open(os.path.join(out, "demo_results.json"), "w"), indent=1)
-    print(f"wrote {png}\ndemo finished in {time.time() - start:.0f} s")
+    case = rows[0]["case"]
+    png = os.path.join(out, "demo.png")
+    save_demo_png(read(raw, "imagesTs", f"{case}_0000.nii.gz"), read(raw, "labelsTs", f"{case}.nii.gz"),
+                  read(unc_dir, f"{case}.nii.gz"), read(unc_dir, f"{case}_entropy.nii.gz"), png,
+                  f"{case}: Dice {np.mean(rows[0]['diffusion_4_samples']):.3f} (4 samples)")
+    json.dump({"trainer": trainer_name, "budget": {"epochs": args.epochs, "iterations": args.iters,
+                                                   "batch_size": args.batch_size},
+               "mean_foreground_dice": mean_fg, "mean_foreground_dice_4_samples": mean_ens, "cases": rows},
+              open(os.path.join(out, "demo_results.json"), "w"), indent=1)
+    results = os.path.join(env["nnUNet_results"], DATASET, f"{trainer_name}__nnUNetPlans__3d_fullres")
+    print(f"""
+demo finished in {time.time() - start:.0f} s. Written:
+  {results}   the trained model (nnU-Net's layout)
+  {pred_dir}   segmentations from nnUNetv2_predict
+  {unc_dir}   segmentations of a 4-sample ensemble, CASE_entropy / CASE_mutual_info uncertainty maps
+  {png}   image, ground truth, prediction, entropy and errors for {case}
+  {os.path.join(out, "demo_results.json")}   Dice per case and the mean entropy over the predicted foreground
+Next, on your own nnU-Net dataset (nnUNet_raw / nnUNet_preprocessed / nnUNet_results set as for nnU-Net):
+  export nnUNet_extTrainer=$(nnunet-diffusion trainers-path)
+  nnUNetv2_train DATASET 3d_fullres 0 -tr DiffusionTrainer
+  nnUNetv2_predict_diffusion -i IMAGES -o OUT -d DATASET -c 3d_fullres -f 0 --num-samples 4 --uncertainty""")
     return 0
 
 

@@ -19,7 +19,7 @@ __all__ = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTr
            "DiffusionTrainer_1000steps", "DiffusionTrainer_paper", "DiffusionTrainer_supervisedRecycle",
            "DiffusionTrainer_supervisedRecycleFromNoise", "DiffusionTrainer_chainMean",
            "DiffusionTrainer_zeroInitMaskInput", "DiffusionTrainer_ema",
-           "DiffusionTrainer_selfCondition"]
+           "DiffusionTrainer_selfCondition", "DiffusionTrainer_zeroInitChainMeanEma"]
 
 PAPER = DiffusionConfig()
 
@@ -67,6 +67,13 @@ class DiffusionTrainer_selfCondition(DiffusionTrainer):
     """The paper's method with self-conditioning: the network also sees its previous estimate of x0 (a first,
     gradient-free pass on the same x_t for half of each batch in training; the previous step in the chain)."""
     diffusion = replace(PAPER, self_condition=True)
+
+
+class DiffusionTrainer_zeroInitChainMeanEma(DiffusionTrainer):
+    """A combination of three candidates: zero-initialised mask input weights, the output as the mean probability
+    of all K steps' x0_hat (also in nnU-Net's own validation and nnUNetv2_predict), and the EMA of the weights
+    (half-life 5 % of the run)."""
+    diffusion = replace(PAPER, zero_init_mask_input=True, average_last=PAPER.num_steps, ema_halflife=0.05)
 
 
 class DiffusionTrainer_noRecycle(DiffusionTrainer):
