@@ -22,7 +22,7 @@ mirroring and export all see the logits the user will get.
 from __future__ import annotations
 
 import os
-from typing import ClassVar, Union
+from typing import ClassVar, List, Union
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -41,11 +41,15 @@ from nnunet_diffusion.training import NoisyBatch, full_resolution_pass, make_noi
 
 class DiffusionTrainer(nnUNetTrainer):
     """nnU-Net trainer for the paper's diffusion model (K = 5, recycling, x0 prediction, Dice + CE) with the
-    accuracy study's winner: the input convolution's weights on the noisy-mask channels start at zero
-    (``zero_init_mask_input``; significantly better than the paper's initialisation at equal budget, see the
-    README). The paper's exact configuration is ``DiffusionTrainer_paper``."""
+    accuracy study's winners (README, Results): the input convolution's weights on the noisy-mask channels
+    start at zero (``zero_init_mask_input``), the output is the mean probability of all K steps' x0_hat
+    (``average_last`` = K, also inside nnU-Net's validation and nnUNetv2_predict), and validation, export and
+    prediction use an exponential moving average of the weights (``ema_halflife`` = 5 % of the run). Each was
+    measured against the default before it at equal budget. The paper's exact configuration is
+    ``DiffusionTrainer_paper``; the previous default is ``DiffusionTrainer_zeroInitMaskInput``."""
 
-    diffusion: ClassVar[DiffusionConfig] = DiffusionConfig(zero_init_mask_input=True)
+    diffusion: ClassVar[DiffusionConfig] = DiffusionConfig(zero_init_mask_input=True, average_last=5,
+                                                           ema_halflife=0.05)
     skipped_updates: int = 0  # training steps whose loss was not finite
     _weight_average = None  # WeightAverage when diffusion.ema_halflife > 0, created on first use
     _raw_weights = None  # the trained weights while validation runs on the average
@@ -272,20 +276,44 @@ def read_checkpoint(filename: str) -> dict:
 
 # settings that only decide how a network is initialised: trained weights mean the same whatever they were
 INITIALISATION_ONLY = frozenset({"zero_init_mask_input"})
+# settings that only decide what the trained network's chain returns (never used in training): the loading
+# trainer's value applies, as nnUNetv2_predict_diffusion --average-last overrides it too
+OUTPUT_ONLY = frozenset({"average_last"})
+
+
+def matching_trainers(settings: DiffusionConfig) -> List[str]:
+    """The trainers shipped with the package whose diffusion settings equal ``settings`` up to the settings a
+    checkpoint is not refused over, exact matches first."""
+    from nnunet_diffusion import variants
+    ignore = INITIALISATION_ONLY | OUTPUT_ONLY
+    want = settings.to_dict()
+    found = []
+    for name in ["DiffusionTrainer", *variants.__all__]:
+        have = (DiffusionTrainer if name == "DiffusionTrainer" else getattr(variants, name)).diffusion.to_dict()
+        if all(have[k] == v for k, v in want.items() if k not in ignore):
+            found.append((sum(have[k] != want[k] for k in ignore), name))
+    return [name for _, name in sorted(found, key=lambda x: x[0])]
 
 
 def check_diffusion_settings(checkpoint: dict, expected: DiffusionConfig, source: str) -> None:
     """Refuse a checkpoint whose recorded diffusion settings differ from ``expected`` (settings that only
-    decide the initialisation, :data:`INITIALISATION_ONLY`, may differ)."""
+    decide the initialisation, :data:`INITIALISATION_ONLY`, or the chain's output, :data:`OUTPUT_ONLY`, may
+    differ)."""
     saved = checkpoint.get("diffusion")
     if saved is None:
         raise ValueError(f"{source} holds no diffusion settings: it was not written by a DiffusionTrainer "
                          f"(trainer {checkpoint.get('trainer_name')!r}).")
     want = expected.to_dict()
     saved = DiffusionConfig.from_dict(saved).to_dict()  # fields added later get the value they had before
-    diff = {k: (saved[k], v) for k, v in want.items() if saved[k] != v and k not in INITIALISATION_ONLY}
+    diff = {k: (saved[k], v) for k, v in want.items()
+            if saved[k] != v and k not in INITIALISATION_ONLY | OUTPUT_ONLY}
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs trainer {b!r}" for k, (a, b) in diff.items())
+        same = matching_trainers(DiffusionConfig.from_dict(saved))
+        hint = (f"; trainers with its settings: {', '.join(same)} (e.g. -tr {same[0]}, with a budget suffix "
+                f"such as _12ep50it if it was trained with one)") if same else ""
         raise ValueError(f"{source} was trained with other diffusion settings ({detail}); refusing to load it. "
                          f"Use the trainer it was trained with (checkpoint trainer: "
-                         f"{checkpoint.get('trainer_name')!r}).")
+                         f"{checkpoint.get('trainer_name')!r}{hint}). DiffusionTrainer's defaults changed with "
+                         f"the accuracy study: a model trained with an earlier default loads with the trainer named "
+                         f"here.")

@@ -113,7 +113,7 @@ def test_trainer_exports_the_average_and_resumes_both(make_trainer, tmp_path):
 
 
 def test_without_ema_the_checkpoint_is_unchanged(make_trainer, tmp_path):
-    tr = make_trainer("DiffusionTrainer_1ep1it")
+    tr = make_trainer("DiffusionTrainer_paper_1ep1it")  # no EMA (the default has one since the accuracy study)
     assert tr.weight_average is None
     tr.save_checkpoint(str(tmp_path / "c.pth"))
     ckpt = torch.load(tmp_path / "c.pth", map_location="cpu", weights_only=False)

@@ -105,7 +105,8 @@ def test_tta_modes_unmirror_outputs(trained, tta, mirror_batch, dim):
     mirroring (all copies in one call, 3 per call, or one per call) gives the same result."""
     from nnunet_diffusion.noise import chain_noise
     from nnunet_diffusion.predictor import mirror_combinations, mirror_plan
-    p = _predictor(trained, tta=tta, mirror_batch=mirror_batch)
+    # the reference loop returns the last step's logits (the trained default averages all steps)
+    p = _predictor(trained, tta=tta, mirror_batch=mirror_batch, average_last=1)
     net = p.diffusion_network
     fn = _position_net()
     net.denoise = fn
@@ -130,7 +131,7 @@ def test_sample_mode_runs_each_sample_under_its_own_mirroring(trained, dim):
     from nnunet_diffusion.noise import chain_noise
     from nnunet_diffusion.predictor import mirror_combinations
     n = 3
-    p = _predictor(trained, tta="sample", num_samples=n)
+    p = _predictor(trained, tta="sample", num_samples=n, average_last=1)
     counter = CallCounter(p.diffusion_network)
     fn = _position_net()
     counter.denoise = fn

@@ -188,3 +188,41 @@ def test_initialisation_only_settings_do_not_refuse_a_checkpoint():
     check_diffusion_settings({"diffusion": zero.to_dict()}, paper, "x")
     with pytest.raises(ValueError, match="recycle_source"):
         check_diffusion_settings({"diffusion": replace(zero, recycle_source="noise").to_dict()}, paper, "x")
+
+
+def test_output_only_settings_do_not_refuse_a_checkpoint_and_a_refusal_names_the_matching_trainer():
+    """average_last decides only what the trained chain returns: a model trained with the last step as output
+    (the earlier default) loads into the default trainer, whose chain averages all steps. A model trained
+    without EMA (the earlier default, ``DiffusionTrainer_zeroInitMaskInput``'s settings) is refused by the
+    default trainer, and the error names the trainer that matches its settings."""
+    from nnunet_diffusion.trainer import DiffusionTrainer
+    from nnunet_diffusion.variants import DiffusionTrainer_zeroInitMaskInput
+    default, earlier = DiffusionTrainer.diffusion, DiffusionTrainer_zeroInitMaskInput.diffusion
+    check_diffusion_settings({"diffusion": replace(default, average_last=1).to_dict()}, default, "x")
+    with pytest.raises(ValueError, match="ema_halflife") as err:
+        check_diffusion_settings({"diffusion": earlier.to_dict(), "trainer_name": "DiffusionTrainer"}, default, "x")
+    assert "-tr DiffusionTrainer_zeroInitMaskInput" in str(err.value)
+    assert "average_last" not in str(err.value).split("(")[1]  # not listed among the refused differences
+
+
+def test_default_trainer_returns_the_mean_of_all_steps_and_averages_weights(make_trainer):
+    """DiffusionTrainer's network, called as nnU-Net's validation and nnUNetv2_predict call it (image only),
+    returns log(mean probability of all K steps' x0_hat): equal to the chain with average_last = K and different
+    from the last step's output. The default trainer keeps an EMA of the weights."""
+    from nnunet_diffusion.config import SamplingSettings
+    tr = make_trainer("DiffusionTrainer_1ep1it")
+    assert tr.weight_average is not None
+    net = tr.diffusion_network
+    net.eval()
+    torch.manual_seed(0)
+    for p in net.parameters():  # weights that make the steps differ (the fresh network ignores x_t)
+        p.data.add_(0.05 * torch.randn_like(p))
+    image = torch.randn(1, net.num_image_channels, *tr.configuration_manager.patch_size)
+    with torch.no_grad():
+        out = full_resolution(net(image))
+        K = net.config.num_steps
+        mean = full_resolution(net.sample(image, replace(net.default_sampling, average_last=K)))
+        last = full_resolution(net.sample(image, replace(net.default_sampling, average_last=1)))
+    assert K == 5 and isinstance(net.default_sampling, SamplingSettings)
+    assert torch.allclose(out, mean, atol=1e-5)
+    assert (out - last).abs().max() > 1e-3
