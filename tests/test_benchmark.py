@@ -2,9 +2,12 @@
 (The speed targets are not asserted in tests; the benchmark prints them.)"""
 import json
 
+import pytest
+
 from conftest import BIN, run
 
 
+@pytest.mark.slow  # ~1.5 min on 2 cores (trains both trainers briefly, times every mode)
 def test_quick_benchmark_writes_every_key(env, tmp_path):
     out = tmp_path / "bench"
     run([f"{BIN}/nnunet-diffusion", "benchmark", "-d", "990", "-c", "3d_fullres", "--quick", "--repeats", "2",

@@ -20,6 +20,7 @@ def _timeboxed():
     return module
 
 
+@pytest.mark.slow  # ~2 min on 2 cores; the runner's resume, progress and table logic have faster tests here
 def test_table1_runs_compares_and_resumes(env, tmp_path):
     out = tmp_path / "t1"
     cmd = [f"{BIN}/nnunet-diffusion", "experiment", "table1", "-d", "990", "--budget", "1x2", "-device", "cpu",

@@ -5,6 +5,7 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
@@ -46,6 +47,7 @@ def test_continue_training_from_checkpoint(env, trained_3d):
         os.remove(backup)
 
 
+@pytest.mark.slow  # ~50 s on 2 cores; the 2D paths of the network and predictor have unit tests
 def test_train_2d(env):
     proc = _train(env, "DiffusionTrainer_1ep2it", config="2d")
     assert "Mean Validation Dice" in proc.stdout
@@ -113,6 +115,7 @@ def test_predict_with_stock_command_matches_direct_network_call(env, trained_3d,
     assert 0.0 <= summary["foreground_mean"]["Dice"] <= 1.0
 
 
+@pytest.mark.slow  # ~70 s on 2 cores (trains a stock model too)
 def test_find_best_configuration_against_stock(env, trained_3d, trained_stock_3d):
     proc = run([f"{BIN}/nnUNetv2_find_best_configuration", "990", "-c", "3d_fullres", "-tr",
                 "nnUNetTrainer_2ep3it", TR, "-f", "0", "--disable_ensembling", "-np", "1"], env=env)

@@ -94,8 +94,11 @@ def test_variant_settings_differ_and_checkpoints_are_refused_across_them():
         check_diffusion_settings(ckpt, make_budget_trainer("DiffusionTrainer_1ep1it").diffusion, "x")
 
 
-ABLATIONS = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTrainer_predictNoise",
-             "DiffusionTrainer_1000steps"]
+# one ablation end to end in the default run (each ablation's own behaviour has a unit test above); the other
+# three are the same commands with another trainer, ~1 min each on 2 cores: behind the slow marker
+ABLATIONS = ["DiffusionTrainer_noRecycle"] + [pytest.param(v, marks=pytest.mark.slow) for v in
+                                              ("DiffusionTrainer_noDice", "DiffusionTrainer_predictNoise",
+                                               "DiffusionTrainer_1000steps")]
 
 
 @pytest.mark.parametrize("config", ["3d_fullres", pytest.param("2d", marks=pytest.mark.slow)])
