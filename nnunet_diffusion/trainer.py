@@ -279,19 +279,19 @@ INITIALISATION_ONLY = frozenset({"zero_init_mask_input"})
 # settings that only decide what the trained network's chain returns (never used in training): the loading
 # trainer's value applies, as nnUNetv2_predict_diffusion --average-last overrides it too
 OUTPUT_ONLY = frozenset({"average_last"})
+NOT_REFUSED = INITIALISATION_ONLY | OUTPUT_ONLY  # a checkpoint may differ from its trainer in these
 
 
 def matching_trainers(settings: DiffusionConfig) -> List[str]:
     """The trainers shipped with the package whose diffusion settings equal ``settings`` up to the settings a
     checkpoint is not refused over, exact matches first."""
     from nnunet_diffusion import variants
-    ignore = INITIALISATION_ONLY | OUTPUT_ONLY
     want = settings.to_dict()
     found = []
     for name in ["DiffusionTrainer", *variants.__all__]:
         have = (DiffusionTrainer if name == "DiffusionTrainer" else getattr(variants, name)).diffusion.to_dict()
-        if all(have[k] == v for k, v in want.items() if k not in ignore):
-            found.append((sum(have[k] != want[k] for k in ignore), name))
+        if all(have[k] == v for k, v in want.items() if k not in NOT_REFUSED):
+            found.append((sum(have[k] != want[k] for k in NOT_REFUSED), name))
     return [name for _, name in sorted(found, key=lambda x: x[0])]
 
 
@@ -306,7 +306,7 @@ def check_diffusion_settings(checkpoint: dict, expected: DiffusionConfig, source
     want = expected.to_dict()
     saved = DiffusionConfig.from_dict(saved).to_dict()  # fields added later get the value they had before
     diff = {k: (saved[k], v) for k, v in want.items()
-            if saved[k] != v and k not in INITIALISATION_ONLY | OUTPUT_ONLY}
+            if saved[k] != v and k not in NOT_REFUSED}
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs trainer {b!r}" for k, (a, b) in diff.items())
         same = matching_trainers(DiffusionConfig.from_dict(saved))
