@@ -12,7 +12,8 @@ folder (``done`` marker) is reused.
 
 1. TTA modes (``--modes``, default full final chain off; ``MODE:avgM`` adds ``--average-last M``, the mean
    probability of the last M steps' x0_hat): Dice per case, seconds per case, paired t-test of each mode
-   against ``full``; the rule for the default: among the modes whose mean Dice is within 0.005 of ``full``,
+   against ``full`` (``--reference-mode``: e.g. ``full:avg5`` for a model whose trained output is the mean of
+   its steps); the rule for the default: among the modes whose mean Dice is within 0.005 of the reference,
    the one with the fewest network calls per tile (chain/off K, final K - 1 + M, full K*M), ties broken by
    the higher Dice (modes with the same calls differ in time only by measurement noise).
    Stock with its default mirroring and with ``--disable_tta`` is timed on the same cases; every ratio says
@@ -21,7 +22,8 @@ folder (``done`` marker) is reused.
    steps 2 and 3, which need a trained stock model, are skipped.
 2. Uncertainty (``nnunet-diffusion uncertainty``): stock's softmax entropy (its ``--save_probabilities``),
    the diffusion model's entropy with one sample (the chosen mode), and with ``--num-samples N`` (entropy and
-   mutual information).
+   mutual information); ``uncertainty/example.png``: the case of median stock Dice, each method's
+   prediction, uncertainty map and errors side by side.
 3. Ensemble: ``nnUNetv2_ensemble`` of the diffusion and the stock probabilities, compared with stock alone
    (``nnunet-diffusion compare``: paired tests on per-case Dice).
 
@@ -89,6 +91,9 @@ def main(argv=None) -> int:
     ap.add_argument("--full-reference", default=None,
                     help="without 'full' in --modes: a folder of full-mirroring predictions of the same model (e.g. "
                          "nnU-Net's final validation, fold_0/validation) whose Dice stands in for full (not timed)")
+    ap.add_argument("--reference-mode", default="full",
+                    help="the mode the rule compares with (default full; e.g. full:avg5 for a model trained to "
+                         "return the mean of its steps, whose nnU-Net output is mirroring around that mean)")
     ap.add_argument("--stock-time-only", action="store_true",
                     help="the stock model is only the timing reference: no stock Dice, no uncertainty or ensemble")
     ap.add_argument("--uncertainty-mode", default=None,
@@ -146,15 +151,15 @@ def main(argv=None) -> int:
         for name in ("stock_mirror", "stock_off"):
             runs[name]["dice"] = None
             runs[name]["note"] = "timing reference only (its weights are not the compared model's)"
-    if "full" not in args.modes and args.full_reference:
-        runs["tta_full"] = {"command": None, "folder": os.path.abspath(args.full_reference), "seconds": None,
+    if args.reference_mode not in args.modes and args.full_reference:
+        runs[f"tta_{args.reference_mode}"] = {"command": None, "folder": os.path.abspath(args.full_reference), "seconds": None,
                             "seconds_per_case": None, "dice": dice_of(args.full_reference),
                             "note": "full mirroring from this folder (e.g. nnU-Net's final validation of the same model: "
                                     "the noise of nnUNetv2_predict's path, seed 0 per call in the frame the network "
                                     "sees); not predicted or timed by this script"}
         save()
     table = []
-    full = runs.get("tta_full")
+    full = runs.get(f"tta_{args.reference_mode}")
     for m in args.modes:
         r = runs[f"tta_{m}"]
         row = {"mode": m, "calls_per_tile": calls_per_tile(m), "dice": float(np.mean(list(r["dice"].values()))),
@@ -171,10 +176,11 @@ def main(argv=None) -> int:
     chosen = None
     if full is not None:
         eligible = [row for row in table if row["delta_vs_full"] >= -RULE]
-        chosen = min(eligible, key=lambda row: (row["calls_per_tile"], -row["dice"]))["mode"] if eligible else "full"
-    result["tta_table"], result["chosen_mode"] = table, chosen
-    result["rule"] = (f"fewest network calls per tile among the modes with Dice >= full - {RULE}, ties broken by the "
-                      "higher Dice")
+        chosen = (min(eligible, key=lambda row: (row["calls_per_tile"], -row["dice"]))["mode"] if eligible
+                  else args.reference_mode)
+    result["tta_table"], result["chosen_mode"], result["reference_mode"] = table, chosen, args.reference_mode
+    result["rule"] = (f"fewest network calls per tile among the modes with Dice >= {args.reference_mode} - {RULE}, "
+                      "ties broken by the higher Dice")
     save()
     if args.stock_time_only:
         write_md(result, out)
@@ -205,6 +211,17 @@ def main(argv=None) -> int:
                                  "brier": (v["calibration"] or {}).get("brier"), "qc_spearman": v["qc"]["spearman"],
                                  "qc_worst_auroc": v["qc"]["worst_auroc"]} for k, v in rep["methods"].items()}
     result["uncertainty_mode"] = mode
+    # one case, stock's and the diffusion model's maps beside their errors: the case of median stock Dice
+    from nnunet_diffusion.uncertainty import example_figure, method_cases
+    stock_dice = runs["stock_mirror"]["dice"]
+    case = sorted(stock_dice, key=stock_dice.get)[len(stock_dice) // 2]
+    entries = [method_cases(gt, folder, m)[case] for folder, m in
+               ((runs["stock_mirror"]["folder"], "probabilities"), (ns_folder, "entropy"), (ns_folder, "mutual_info"))]
+    labels = ["stock (softmax entropy)", f"{n} (entropy)", f"{n} (MI)"]
+    example_figure(os.path.join(images, f"{case}_0000.nii.gz"), entries, labels,
+                   os.path.join(out, "uncertainty", "example.png"),
+                   title=f"{case} (median stock Dice); uncertainty in nats, errors = prediction != reference")
+    result["example_case"] = case
     save()
 
     # 3. ensemble with stock (mean of the two probability maps, nnU-Net's own command)
@@ -227,13 +244,14 @@ def main(argv=None) -> int:
 def write_md(result: Dict, out: str) -> None:
     from nnunet_diffusion.machine import describe
     runs = result["runs"]
+    ref = result.get("reference_mode", "full")
     lines = [f"# Prediction study: {result['trainer']} vs {result['stock']}", "",
              f"{result['dataset']} {result['configuration']}, fold {result['fold']} ({result['num_cases']} validation "
              f"cases); {describe(result['device'], result['machine'])}. One run per row; seconds per case = "
              "wall-clock of the whole command / cases (model loading included, the same in every run).", "",
              f"Command: `{result['command']}`", "",
              "## TTA modes", "",
-             "| mode | calls / tile | Dice | Δ vs full | p vs full | s / case | time vs full | time vs stock (mirroring) | "
+             f"| mode | calls / tile | Dice | Δ vs {ref} | p vs {ref} | s / case | time vs {ref} | time vs stock (mirroring) | "
              "time vs stock (--disable_tta) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["tta_table"]:
         lines.append(f"| {r['mode']} | {r.get('calls_per_tile', '')} | {r['dice']:.4f} | {r.get('delta_vs_full', float('nan')):+.4f} | "
@@ -243,10 +261,10 @@ def write_md(result: Dict, out: str) -> None:
         r = runs[name]
         dice = "–" if r["dice"] is None else f"{np.mean(list(r['dice'].values())):.4f}"
         lines.append(f"| stock, {label} | {calls} | {dice} | | | {r['seconds_per_case']:.2f} | | | |")
-    full = runs.get("tta_full", {})
+    full = runs.get(f"tta_{ref}", {})
     if full.get("note"):
-        lines.append(f"| full (reference) | 40 | {np.mean(list(full['dice'].values())):.4f} | | | | | | |")
-        lines += ["", f"`full` reference: `{full['folder']}`, {full['note']}."]
+        lines.append(f"| {ref} (reference) | 40 | {np.mean(list(full['dice'].values())):.4f} | | | | | | |")
+        lines += ["", f"`{ref}` reference: `{full['folder']}`, {full['note']}."]
     if runs["stock_mirror"].get("note"):
         lines += ["", f"Stock model `{result['stock']}`: {runs['stock_mirror']['note']}."]
     lines += ["", f"Rule: {result['rule']} → **{result['chosen_mode']}**."]

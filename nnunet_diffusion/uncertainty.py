@@ -350,3 +350,61 @@ def _reliability_plot(methods: Dict[str, Dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def case_panels(image_file: str, method_files: Sequence[Dict]) -> Dict:
+    """The arrays of :func:`example_figure` for one case: ``method_files`` are entries of :func:`method_cases`
+    (one per method, the same case). Returns the axial slice with the most reference foreground, the image,
+    the reference, and per method its prediction, uncertainty map (its file, or the entropy of its npz) and
+    the voxels where prediction and reference disagree, all on that slice."""
+    ref, _ = _read(method_files[0]["ref"])
+    image, _ = _read(image_file)
+    if image.shape != ref.shape:
+        raise ValueError(f"{image_file}: image shape {image.shape} differs from the reference {ref.shape}")
+    z = int(np.argmax((ref > 0).sum(axis=(1, 2))))
+    rows = []
+    for files in method_files:
+        pred, _ = _read(files["pred"])
+        if files["map"] is not None:
+            unc = _read(files["map"])[0].astype(np.float64)
+        else:
+            unc = entropy_of(_load_probabilities(files["npz"], ref.shape), 0)
+        rows.append({"prediction": pred[z], "uncertainty": unc[z], "errors": pred[z] != ref[z]})
+    return {"slice": z, "image": image[z], "reference": ref[z], "methods": rows}
+
+
+def example_figure(image_file: str, method_files: Sequence[Dict], names: Sequence[str], path: str,
+                   title: str = "") -> int:
+    """One case, one row per method: image with the reference, the method's prediction, its uncertainty map and
+    its errors (prediction != reference) on the axial slice with the most reference foreground. All
+    uncertainty panels share one colour scale (0 to the largest value shown). Returns the slice index."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = case_panels(image_file, method_files)
+    vmax = max(float(r["uncertainty"].max()) for r in panels["methods"]) or 1.0
+    labels = matplotlib.colors.ListedColormap([(0, 0, 0, 0), (0.95, 0.3, 0.2, 0.6), (0.2, 0.6, 1.0, 0.6)])
+    wrong = matplotlib.colors.ListedColormap([(0, 0, 0, 0), (1.0, 0.9, 0.1, 0.9)])
+    n = len(panels["methods"])
+    fig, axes = plt.subplots(n, 4, figsize=(12, 3.1 * n), squeeze=False)
+    img = panels["image"]
+    for row, (name, r) in enumerate(zip(names, panels["methods"])):
+        shown = [("image + reference", panels["reference"], labels), (f"{name}: prediction", r["prediction"], labels),
+                 (f"{name}: uncertainty", None, None),
+                 (f"{name}: errors ({int(r['errors'].sum())} voxels)", r["errors"].astype(np.uint8), wrong)]
+        for ax, (label, overlay, cmap) in zip(axes[row], shown):
+            ax.imshow(img, cmap="gray")
+            if overlay is not None:
+                ax.imshow(np.clip(overlay, 0, cmap.N - 1), cmap=cmap, vmin=0, vmax=cmap.N - 1,
+                          interpolation="nearest")
+            else:
+                im = ax.imshow(r["uncertainty"], cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+            ax.set_title(label, fontsize=8)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return panels["slice"]

@@ -171,3 +171,31 @@ def test_missing_maps_fail_clearly_without_touching_the_output(folders):
     proc = subprocess.run([CLI, "uncertainty", str(ref_dir), str(pred_dir), "-o", str(out), "--margin", "-1"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--margin" in proc.stderr
+
+
+def test_example_figure_shows_each_methods_errors_and_its_own_map(folders):
+    """The figure's panels: the slice with the most reference foreground, errors = prediction != reference, the
+    map from its file or, for a probabilities method, the entropy of its npz."""
+    from nnunet_diffusion.uncertainty import case_panels, example_figure, method_cases
+    ref_dir, pred_dir, tmp = folders
+    image = np.zeros((8, 24, 24), np.float32)
+    image[3] = 1.0
+    _write(tmp / "c2_0000.nii.gz", image)
+    ent, prob = method_cases(str(ref_dir), str(pred_dir), "entropy")["c2"], \
+        method_cases(str(ref_dir), str(pred_dir), "probabilities")["c2"]
+    panels = case_panels(str(tmp / "c2_0000.nii.gz"), [ent, prob])
+    z = panels["slice"]
+    assert z == 2  # slices 2-5 tie; the first with the most reference foreground
+    ref = np.zeros((24, 24), np.uint8)
+    ref[4:12, 4:12], ref[12:16, 4:12] = 1, 2
+    pred = ref.copy()
+    pred[4:10, 4:8] = 2
+    assert (panels["reference"] == ref).all() and (panels["methods"][0]["prediction"] == pred).all()
+    assert (panels["methods"][0]["errors"] == (pred != ref)).all()
+    file_map = panels["methods"][0]["uncertainty"]
+    assert (file_map[pred != ref] == 1).all() and file_map[23, 23] == 5.0  # the entropy file as written
+    assert np.allclose(panels["methods"][1]["uncertainty"], 0, atol=1e-9)  # one-hot npz: entropy 0
+    assert panels["image"][0, 0] == 0
+    out = tmp / "example.png"
+    assert example_figure(str(tmp / "c2_0000.nii.gz"), [ent, prob], ["a", "b"], str(out)) == z
+    assert out.stat().st_size > 0
