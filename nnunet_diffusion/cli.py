@@ -136,6 +136,28 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_release(args: argparse.Namespace) -> int:
+    from nnunetv2.paths import nnUNet_results
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunet_diffusion.release import release_model
+    if nnUNet_results is None:
+        raise ValueError("nnUNet_results is not set")
+    try:
+        dataset = maybe_convert_to_dataset_name(args.d)
+    except RuntimeError as e:
+        raise ValueError(str(e)) from e
+    folder = os.path.join(nnUNet_results, dataset, f"{args.tr}__{args.p}__{args.c}")
+    try:
+        info = release_model(folder, args.f, args.o, args.chk, half=args.half, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, RuntimeError) as e:
+        raise ValueError(str(e)) from e
+    print(f"wrote {args.o} ({info['zip_bytes'] / 2**20:.1f} MiB, weights {info['storage']}) and {args.o}.sha256\n"
+          f"weights SHA-256 {info['weights_sha256']} (checked whenever the weights are loaded)\n"
+          f"install with: nnUNetv2_install_pretrained_model_from_zip {args.o}")
+    return 0
+
+
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from nnunetv2.paths import nnUNet_results
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -213,6 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int_in_range("--repeats", 1), default=None, help="timed iterations per trainer")
     p.add_argument("-device", dest="device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=_cmd_benchmark)
+
+    p = sub.add_parser("release", help="a trained model as a compact zip for nnUNetv2_install_pretrained_model_from_zip: "
+                                       "weights only, with a SHA-256 checked whenever they are loaded")
+    p.add_argument("-d", required=True, help="dataset name or id")
+    p.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
+    p.add_argument("-f", default="all", help="the fold to release (default all)")
+    p.add_argument("-tr", default="DiffusionTrainer", help="trainer (default DiffusionTrainer)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint (default checkpoint_final.pth)")
+    p.add_argument("-o", required=True, help="the zip to write (with OUT.sha256 beside it)")
+    p.add_argument("--half", action="store_true", help="store floating-point weights as float16 (half the size)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing zip")
+    p.set_defaults(func=_cmd_release)
 
     p = sub.add_parser("experiment", help="train and compare the paper's Table 1 or Table 2 under one budget")
     p.add_argument("table", choices=["table1", "table2"])

@@ -202,6 +202,13 @@ class DiffusionUNet(nn.Module):
                              noise=noise, mirrors=mirrors, average_last=settings.average_last, chains=chains,
                              mirror_batch=mirror_batch, on_step=on_step, self_condition=self.config.self_condition)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module's, after checking and removing a released model's weights digest (``release.py``): every
+        path that loads weights (nnUNetv2_predict, nnUNetv2_predict_diffusion, training) refuses a corrupted
+        released checkpoint."""
+        from nnunet_diffusion.release import verify_and_strip
+        return super().load_state_dict(verify_and_strip(state_dict), strict=strict, assign=assign)
+
     def forward(self, image: torch.Tensor, xt: Optional[torch.Tensor] = None,
                 t: Optional[torch.Tensor] = None) -> NetworkOutput:
         if image.shape[1] != self.num_image_channels:
