@@ -76,8 +76,19 @@ def released_checkpoint(checkpoint: Dict, half: bool = False) -> Dict:
                if k not in checkpoint]
     if missing:
         raise ValueError(f"the checkpoint lacks {missing}: not a finished nnU-Net checkpoint")
-    weights = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone()
-               for k, v in checkpoint["network_weights"].items() if k != DIGEST_KEY}
+    # nnU-Net's U-Nets register the encoder twice (encoder.* and decoder.encoder.*), and a weight average holds
+    # both copies: entries with equal content become one tensor, which torch.save writes once (loading copies
+    # the values into each parameter, so sharing in the file changes nothing)
+    converted: Dict = {}
+    weights = {}
+    for k, v in checkpoint["network_weights"].items():
+        if k == DIGEST_KEY:
+            continue
+        v = v.detach().cpu().contiguous()
+        v = v.half() if half and v.is_floating_point() else v
+        key = (str(v.dtype), tuple(v.shape),
+               hashlib.sha256(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"").digest())
+        weights[k] = converted.setdefault(key, v)
     weights[DIGEST_KEY] = digest_tensor(weights_digest(weights))
     out = {k: checkpoint[k] for k in KEPT if k in checkpoint}
     out["network_weights"] = weights

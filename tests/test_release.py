@@ -113,3 +113,19 @@ def test_release_of_a_missing_model_fails_clearly_and_writes_nothing(trained_3d,
     with pytest.raises(FileNotFoundError, match="no checkpoint_final.pth"):
         release_model(os.path.dirname(trained_3d), "all", str(tmp_path / "m.zip"))
     assert not (tmp_path / "m.zip").exists()
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_weights_shared_by_two_names_are_stored_once(half, tmp_path):
+    """nnU-Net's U-Net holds its encoder under two names, and a weight average keeps two equal copies of it; a
+    release must not write those weights twice."""
+    net = tiny_diffusion_net()
+    sd = {k: v.clone() for k, v in net.state_dict().items()}  # equal copies, separate storages (as in the EMA)
+    assert any(k.startswith("unet.decoder.encoder.") for k in sd)
+    ck = {"network_weights": sd, "init_args": {}, "trainer_name": TR, "inference_allowed_mirroring_axes": (0,)}
+    w = released_checkpoint(ck, half=half)["network_weights"]
+    storages = {v.untyped_storage().data_ptr() for k, v in w.items() if k != DIGEST_KEY}
+    # at most one storage per tensor of the network (equal contents, e.g. zero biases, may share further)
+    assert len(storages) <= len({v.untyped_storage().data_ptr() for v in net.state_dict().values()}) < len(sd)
+    a = "unet.encoder.stages.0.0.convs.0.conv.weight"
+    assert w[a].untyped_storage().data_ptr() == w["unet.decoder." + a[5:]].untyped_storage().data_ptr()
