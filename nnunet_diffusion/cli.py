@@ -149,7 +149,8 @@ def _cmd_release(args: argparse.Namespace) -> int:
         raise ValueError(str(e)) from e
     folder = os.path.join(nnUNet_results, dataset, f"{args.tr}__{args.p}__{args.c}")
     try:
-        info = release_model(folder, args.f, args.o, args.chk, half=args.half, overwrite=args.overwrite)
+        info = release_model(folder, args.f, args.o, args.chk, half=args.half, overwrite=args.overwrite,
+                             as_fold=args.as_fold, as_trainer=args.as_trainer)
     except (FileNotFoundError, FileExistsError, RuntimeError) as e:
         raise ValueError(str(e)) from e
     print(f"wrote {args.o} ({info['zip_bytes'] / 2**20:.1f} MiB, weights {info['storage']}) and {args.o}.sha256\n"
@@ -247,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", required=True, help="the zip to write (with OUT.sha256 beside it)")
     p.add_argument("--half", action="store_true", help="store floating-point weights as float16 (half the size)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing zip")
+    p.add_argument("--as-fold", default=None, help="fold name of the installed model (default: -f)")
+    p.add_argument("--as-trainer", default=None,
+                   help="trainer name of the installed model, e.g. DiffusionTrainer for a DiffusionTrainer_30ep100it "
+                        "run (default: -tr)")
     p.set_defaults(func=_cmd_release)
 
     p = sub.add_parser("experiment", help="train and compare the paper's Table 1 or Table 2 under one budget")

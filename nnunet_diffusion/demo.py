@@ -21,6 +21,9 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(os.path.dirname(HERE), "data", "Dataset504_HippocampusDemo")
 DATASET = "Dataset504_HippocampusDemo"
+# the released example model (benchmarks/train_release.py): DiffusionTrainer on Dataset004_Hippocampus without
+# the demo's held-out cases; used for the 4-sample step when it is in the checkout
+RELEASE = os.path.join(os.path.dirname(HERE), "models", "Dataset004_Hippocampus_DiffusionTrainer.zip")
 
 
 def _bin(name: str) -> str:
@@ -80,6 +83,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=2,
                         help="overrides the planned batch size to fit a CPU (default 2)")
     parser.add_argument("-device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--release", default=RELEASE,
+                        help="released model zip for the 4-sample step (default models/...; when missing, the "
+                             "short training run's model is used)")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.iters < 1 or args.batch_size < 1:
         parser.error("--epochs, --iters and --batch-size must be >= 1")
@@ -128,11 +134,21 @@ def main(argv=None) -> int:
     _run([_bin("nnUNetv2_predict"), "-i", os.path.join(raw, "imagesTs"), "-o", pred_dir, "-d", "504",
           "-c", "3d_fullres", "-f", "0", "-tr", trainer_name, "-device", args.device, "-npp", "1", "-nps", "1"], env)
 
-    # 4. the diffusion predictor: a 4-sample ensemble with per-voxel uncertainty (entropy, mutual information)
+    # 4. the diffusion predictor: a 4-sample ensemble with per-voxel uncertainty (entropy, mutual information),
+    # with the released model when there is one (installed by nnU-Net's own command), else the short run's
+    model_args, model_label = ["-d", "504", "-f", "0", "-tr", trainer_name], f"the {trainer_name} run"
+    if os.path.isfile(args.release):
+        from nnunet_diffusion.release import check_zip
+        check_zip(args.release)
+        print(f"demo: released model {os.path.basename(args.release)} (SHA-256 checked)", flush=True)
+        _run([_bin("nnUNetv2_install_pretrained_model_from_zip"), args.release], env)
+        model_args, model_label = ["-d", "4", "-f", "all", "-tr", "DiffusionTrainer"], "the released model"
+    else:
+        print(f"demo: no released model at {args.release}; the 4-sample step uses the short training run", flush=True)
     unc_dir = os.path.join(out, "predictions_uncertainty")
-    _run([_bin("nnUNetv2_predict_diffusion"), "-i", os.path.join(raw, "imagesTs"), "-o", unc_dir, "-d", "504",
-          "-c", "3d_fullres", "-f", "0", "-tr", trainer_name, "-device", args.device, "--num-samples", "4",
-          "--uncertainty", "-npp", "1", "-nps", "1"], env)
+    _run([_bin("nnUNetv2_predict_diffusion"), "-i", os.path.join(raw, "imagesTs"), "-o", unc_dir, *model_args,
+          "-c", "3d_fullres", "-device", args.device, "--num-samples", "4", "--uncertainty", "-npp", "1", "-nps", "1"],
+         env)
 
     # 5. Dice, uncertainty and a picture
     import SimpleITK as sitk
@@ -152,7 +168,8 @@ def main(argv=None) -> int:
                      "diffusion_4_samples": dice_per_class(ens, ref, labels),
                      "mean_entropy_foreground": float(ent[fg].mean()) if fg.any() else 0.0,
                      "wrong_voxels": int((ens != ref).sum())})
-    print(f"\nDice per held-out case (anterior / posterior / mean) and the 4-sample model's uncertainty\n"
+    print(f"\nDice per held-out case (anterior / posterior / mean): nnUNetv2_predict with the {trainer_name} run, "
+          f"and 4 samples of {model_label} with their uncertainty\n"
           f"{'case':<18}{'nnUNetv2_predict':>24}{'4 samples':>24}{'entropy in fg':>15}")
     for r in rows:
         a, b = r["nnUNetv2_predict"], r["diffusion_4_samples"]
@@ -161,7 +178,7 @@ def main(argv=None) -> int:
     mean_fg = float(np.mean([np.mean(r["nnUNetv2_predict"]) for r in rows]))
     mean_ens = float(np.mean([np.mean(r["diffusion_4_samples"]) for r in rows]))
     print(f"\nmean foreground Dice on {len(rows)} held-out cases: nnUNetv2_predict {mean_fg:.3f}, "
-          f"nnUNetv2_predict_diffusion --num-samples 4 {mean_ens:.3f}")
+          f"nnUNetv2_predict_diffusion --num-samples 4 ({model_label}) {mean_ens:.3f}")
     print(f"(a {args.epochs} x {args.iters}-iteration training run on {len(os.listdir(os.path.join(raw, 'labelsTr')))} "
           f"cases: a demonstration of the pipeline, not of the accuracy a full nnU-Net budget reaches)")
 
@@ -169,9 +186,10 @@ def main(argv=None) -> int:
     png = os.path.join(out, "demo.png")
     save_demo_png(read(raw, "imagesTs", f"{case}_0000.nii.gz"), read(raw, "labelsTs", f"{case}.nii.gz"),
                   read(unc_dir, f"{case}.nii.gz"), read(unc_dir, f"{case}_entropy.nii.gz"), png,
-                  f"{case}: Dice {np.mean(rows[0]['diffusion_4_samples']):.3f} (4 samples)")
+                  f"{case}: Dice {np.mean(rows[0]['diffusion_4_samples']):.3f} (4 samples, {model_label})")
     json.dump({"trainer": trainer_name, "budget": {"epochs": args.epochs, "iterations": args.iters,
                                                    "batch_size": args.batch_size},
+               "four_sample_model": model_label, "release": args.release if os.path.isfile(args.release) else None,
                "mean_foreground_dice": mean_fg, "mean_foreground_dice_4_samples": mean_ens, "cases": rows},
               open(os.path.join(out, "demo_results.json"), "w"), indent=1)
     results = os.path.join(env["nnUNet_results"], DATASET, f"{trainer_name}__nnUNetPlans__3d_fullres")

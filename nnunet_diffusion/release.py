@@ -96,8 +96,12 @@ def released_checkpoint(checkpoint: Dict, half: bool = False) -> Dict:
 
 
 def release_model(model_folder: str, fold: str, out_zip: str, checkpoint_name: str = "checkpoint_final.pth",
-                  half: bool = False, notes: Optional[Dict] = None, overwrite: bool = False) -> Dict:
+                  half: bool = False, notes: Optional[Dict] = None, overwrite: bool = False,
+                  as_fold: Optional[str] = None, as_trainer: Optional[str] = None) -> Dict:
     """Write the release zip of ``model_folder/fold_{fold}`` (see the module docstring) and its ``.sha256``.
+    ``as_fold`` / ``as_trainer``: the fold and trainer name the installed model has (e.g. a model trained as
+    ``DiffusionTrainer_30ep100it`` on a custom split, released as ``DiffusionTrainer`` fold ``all``: a budget
+    suffix changes the training length only, and the trainer's diffusion settings are still checked on loading).
     Returns release.json's content."""
     from nnunet_diffusion.trainer import read_checkpoint
     model_folder = os.path.abspath(model_folder)
@@ -115,8 +119,15 @@ def release_model(model_folder: str, fold: str, out_zip: str, checkpoint_name: s
                          f"{checkpoint.get('trainer_name')!r})")
     slim = released_checkpoint(checkpoint, half)
     dataset = os.path.basename(os.path.dirname(model_folder))
-    prefix = f"{dataset}/{os.path.basename(model_folder)}"
-    info = {"trainer": checkpoint["trainer_name"], "fold": fold, "checkpoint": checkpoint_name,
+    trainer, sep, rest = os.path.basename(model_folder).partition("__")
+    if not sep:
+        raise ValueError(f"{model_folder}: expected a folder named TRAINER__PLANS__CONFIGURATION")
+    out_trainer, out_fold = as_trainer or trainer, as_fold or fold
+    slim["trainer_name"] = out_trainer if as_trainer else slim["trainer_name"]
+    prefix = f"{dataset}/{out_trainer}__{rest}"
+    info = {"trainer": slim["trainer_name"], "fold": out_fold, "trained_as": {"trainer": checkpoint["trainer_name"],
+                                                                                 "fold": fold},
+            "checkpoint": checkpoint_name,
             "weights_sha256": bytes(slim["network_weights"][DIGEST_KEY].tolist()).hex(),
             "storage": "float16" if half else "as trained", "epochs": checkpoint.get("current_epoch"),
             "diffusion": checkpoint["diffusion"], **(notes or {})}
@@ -127,7 +138,7 @@ def release_model(model_folder: str, fold: str, out_zip: str, checkpoint_name: s
                 path = os.path.join(model_folder, name)
                 if os.path.isfile(path):
                     z.write(path, f"{prefix}/{name}")
-            with z.open(f"{prefix}/fold_{fold}/checkpoint_final.pth", "w") as f:
+            with z.open(f"{prefix}/fold_{out_fold}/checkpoint_final.pth", "w") as f:
                 torch.save(slim, f)
             z.writestr(f"{prefix}/release.json", json.dumps(info, indent=1))
         os.replace(tmp, out_zip)

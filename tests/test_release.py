@@ -64,7 +64,9 @@ def test_half_storage_halves_the_weights_and_loads_as_float32():
 
 def test_released_model_installs_with_nnunet_and_predicts_the_same(env, trained_3d, tmp_path):
     zip_path = tmp_path / "model.zip"
-    proc = run([f"{BIN}/nnunet-diffusion", "release", "-d", "990", "-f", "0", "-tr", TR, "-o", str(zip_path)], env=env)
+    # released under the name users predict with: DiffusionTrainer, fold all (trained as the budget trainer, fold 0)
+    proc = run([f"{BIN}/nnunet-diffusion", "release", "-d", "990", "-f", "0", "-tr", TR, "-o", str(zip_path),
+                "--as-fold", "all", "--as-trainer", "DiffusionTrainer"], env=env)
     assert "nnUNetv2_install_pretrained_model_from_zip" in proc.stdout
     assert check_zip(str(zip_path))  # the .sha256 written beside it
     assert os.path.getsize(zip_path) < os.path.getsize(os.path.join(trained_3d, "checkpoint_final.pth"))
@@ -75,9 +77,10 @@ def test_released_model_installs_with_nnunet_and_predicts_the_same(env, trained_
 
     installed = dict(env, nnUNet_results=str(tmp_path / "results"))
     run([f"{BIN}/nnUNetv2_install_pretrained_model_from_zip", str(zip_path)], env=installed)
-    folder = tmp_path / "results" / DATASET / f"{TR}__nnUNetPlans__3d_fullres"
-    ck_path = folder / "fold_0" / "checkpoint_final.pth"
+    folder = tmp_path / "results" / DATASET / "DiffusionTrainer__nnUNetPlans__3d_fullres"
+    ck_path = folder / "fold_all" / "checkpoint_final.pth"
     ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+    assert ck["trainer_name"] == "DiffusionTrainer"
     assert "optimizer_state" not in ck and "training_network_weights" not in ck and DIGEST_KEY in ck["network_weights"]
 
     # the installed model predicts what the original predicts (nnU-Net's own predictor, in this process)
@@ -85,10 +88,10 @@ def test_released_model_installs_with_nnunet_and_predicts_the_same(env, trained_
     image = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(env["raw"], "imagesTr", "case_003_0000.nii.gz")))
     props = {"spacing": [1.0, 1.0, 1.0]}
     segs = []
-    for model in (os.path.dirname(trained_3d), str(folder)):
+    for model, fold in ((os.path.dirname(trained_3d), 0), (str(folder), "all")):
         p = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=False, device=torch.device("cpu"),
                             allow_tqdm=False)
-        p.initialize_from_trained_model_folder(model, (0,), "checkpoint_final.pth")
+        p.initialize_from_trained_model_folder(model, (fold,), "checkpoint_final.pth")
         segs.append(p.predict_single_npy_array(image[None].astype(np.float32), props))
     assert np.array_equal(segs[0], segs[1])
 
@@ -101,8 +104,9 @@ def test_released_model_installs_with_nnunet_and_predicts_the_same(env, trained_
     inp.mkdir()
     shutil.copy(os.path.join(env["raw"], "imagesTr", "case_003_0000.nii.gz"), inp)
     out = tmp_path / "bad"
-    proc = run([f"{BIN}/nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", "990", "-c", "3d_fullres", "-f", "0",
-                "-tr", TR, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], env=installed, check=False)
+    proc = run([f"{BIN}/nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", "990", "-c", "3d_fullres", "-f",
+                "all", "-tr", "DiffusionTrainer", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"],
+               env=installed, check=False)
     assert proc.returncode != 0
     assert "SHA-256" in proc.stderr and "corrupted" in proc.stderr, proc.stderr[-2000:]
     assert not (out / "case_003.nii.gz").exists()
@@ -129,3 +133,27 @@ def test_weights_shared_by_two_names_are_stored_once(half, tmp_path):
     assert len(storages) <= len({v.untyped_storage().data_ptr() for v in net.state_dict().values()}) < len(sd)
     a = "unet.encoder.stages.0.0.convs.0.conv.weight"
     assert w[a].untyped_storage().data_ptr() == w["unet.decoder." + a[5:]].untyped_storage().data_ptr()
+
+
+def test_release_split_holds_out_exactly_the_demo_cases(tmp_path):
+    import json
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from train_release import DEMO_HELD_OUT, add_release_split
+    cases = [f"hippocampus_{i:03d}" for i in range(1, 80)]
+    stock = [{"train": cases[i::5], "val": cases[i + 1::5]} for i in range(5)]
+    path = tmp_path / "splits_final.json"
+    path.write_text(json.dumps(stock))
+    add_release_split(str(path), cases)
+    splits = json.load(open(path))
+    assert splits[:5] == stock  # nnU-Net's folds untouched
+    assert splits[5]["val"] == DEMO_HELD_OUT == [f"hippocampus_{i:03d}" for i in range(48, 54)]
+    assert sorted(splits[5]["train"] + splits[5]["val"]) == cases and not set(splits[5]["train"]) & set(DEMO_HELD_OUT)
+    add_release_split(str(path), cases)  # again: nothing changes
+    assert json.load(open(path)) == splits
+    splits[5]["val"] = splits[5]["val"][:3]
+    path.write_text(json.dumps(splits))
+    with pytest.raises(ValueError, match="not the release split"):
+        add_release_split(str(path), cases)
+    with pytest.raises(ValueError, match="lacks the demo"):
+        add_release_split(str(tmp_path / "x.json"), cases[:40])
