@@ -448,6 +448,32 @@ def write_tables(result: Dict, out: str) -> None:
                         cells = [f"{delta:+.4f}", f"{p:.2g}"]
                     lines.append(f"| {name} | {run.get('date', 'earlier')} | {mode} | "
                                  f"{np.mean(list(dice.values())):.4f} | {cells[0]} | {cells[1]} |")
+    stock_runs = ([stock] + earlier.get("nnUNetTrainer", [])) if stock else []
+    if len(stock_runs) > 1:
+        dates = [stock.get("date", "latest")] + [r.get("date", "earlier") for r in stock_runs[1:]]
+        lines += ["", "## Against every stock run and their mean", "",
+                  f"Stock was trained {len(stock_runs)} times ({', '.join(dates)}); its runs differ from each other "
+                  "(table above), so a paired test against one run understates the training noise. Δ (p): the method "
+                  "against each stock run, and against the per-case mean Dice of all stock runs, same mirroring mode "
+                  "(stock `off` for the unmirrored modes).", "",
+                  "| method | mode | Dice | " + " | ".join(f"Δ vs stock {d} (p)" for d in dates) +
+                  " | Δ vs the stock mean (p) |", "|---|---|---|" + "---|" * (len(dates) + 1)]
+        for name, e in methods.items():
+            if name == "nnUNetTrainer":
+                continue
+            for mode, dice in e["modes"].items():
+                ref_mode = "mirror" if mode == "mirror" else "off"
+                refs = [r["modes"].get(ref_mode) for r in stock_runs]
+                if any(r is None for r in refs):
+                    continue
+                common = sorted(set(dice).intersection(*refs))
+                mean_ref = {c: float(np.mean([r[c] for r in refs])) for c in common}
+                cells = []
+                for r in refs + [mean_ref]:
+                    _, _, delta, p = _paired(dice, r)
+                    cells.append(f"{delta:+.4f} ({p:.2g})")
+                lines.append(f"| {name} | {mode_label(e['trainer'], mode)} | {np.mean(list(dice.values())):.4f} | "
+                             + " | ".join(cells) + " |")
     diag_path = os.path.join(out, "diagnosis.json")
     diag = json.load(open(diag_path)) if os.path.isfile(diag_path) else {}
     for name, e in methods.items():
