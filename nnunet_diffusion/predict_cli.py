@@ -56,13 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-steps", action="store_true",
                    help="also write the segmentation of every step's x0_hat: CASE_step{K}..CASE_step1 (step K is "
                         "the first call, from pure noise)")
-    g.add_argument("--tta", choices=["full", "final", "chain", "off", "sample"], default="off",
+    g.add_argument("--tta", choices=["full", "final", "chain", "off", "sample"], default="chain",
                    help="network calls per tile with K steps and M mirrorings (M = 8 in 3D): full K*M, nnU-Net's "
                         "mirroring around whole chains; final K-1+M, each step another mirroring and the last "
                         "step under all M; chain K, each step another mirroring; off K, no mirroring; sample K per "
                         "sample, sample i under mirroring i mod M for its whole chain (use with --num-samples N: "
-                        "a noise and mirror ensemble at N*K calls). Default off: the prediction study's rule picked "
-                        "it (README, Results)")
+                        "a noise and mirror ensemble at N*K calls). Default chain (with --average-last = all steps, "
+                        "every mirrored call contributes to the output): the prediction study's rule picked it on "
+                        "the default DiffusionTrainer's model (README, Results)")
     g.add_argument("--mirror-batch", type=int_in_range("--mirror-batch", 1), default=None,
                    help="mirrored copies of a tile per network call in full/final (default: all M at once, "
                         "halved automatically when memory runs out; 1: one call per mirroring)")

@@ -225,17 +225,19 @@ def test_seeded_prediction_is_bit_identical_and_seed_dependent(env, trained_3d, 
         assert not np.array_equal(pa, np.load(c / f"{case}.npz")["probabilities"])
 
 
-def test_default_is_no_mirroring_and_the_mean_of_all_steps(env, trained_3d, inputs, tmp_path):
-    """The measured default of nnUNetv2_predict_diffusion (README, prediction study): --tta off with the mean
-    probability of all K steps; it differs from the last step's output (--average-last 1)."""
-    runs = {"default": (), "explicit": ("--tta", "off", "--average-last", "5"),
-            "last": ("--tta", "off", "--average-last", "1")}
+def test_default_is_one_mirroring_per_step_and_the_mean_of_all_steps(env, trained_3d, inputs, tmp_path):
+    """The measured default of nnUNetv2_predict_diffusion (README, prediction study): --tta chain with the mean
+    probability of all K steps; it differs from the last step's output (--average-last 1) and from no
+    mirroring (--tta off)."""
+    runs = {"default": (), "explicit": ("--tta", "chain", "--average-last", "5"),
+            "last": ("--tta", "chain", "--average-last", "1"), "off": ("--tta", "off", "--average-last", "5")}
     probs = {}
     for name, extra in runs.items():
         _predict(env, trained_3d, inputs, tmp_path / name, "--save_probabilities", "-npp", "1", "-nps", "1", *extra)
         probs[name] = np.load(tmp_path / name / "case_003.npz")["probabilities"]
     assert np.array_equal(probs["default"], probs["explicit"])
     assert not np.allclose(probs["default"], probs["last"], atol=1e-4)
+    assert not np.allclose(probs["default"], probs["off"], atol=1e-4)
 
 
 def test_samples_and_uncertainty_maps(env, trained_3d, inputs, tmp_path):

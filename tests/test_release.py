@@ -71,9 +71,11 @@ def test_released_model_installs_with_nnunet_and_predicts_the_same(env, trained_
     assert check_zip(str(zip_path))  # the .sha256 written beside it
     assert os.path.getsize(zip_path) < os.path.getsize(os.path.join(trained_3d, "checkpoint_final.pth"))
     # an existing zip is not overwritten
-    again = run([f"{BIN}/nnunet-diffusion", "release", "-d", "990", "-f", "0", "-tr", TR, "-o", str(zip_path)],
-                env=env, check=False)
-    assert again.returncode != 0 and "exists" in again.stderr
+    from nnunet_diffusion.release import release_model
+    before = zip_path.read_bytes()
+    with pytest.raises(FileExistsError, match="exists"):
+        release_model(os.path.dirname(trained_3d), "0", str(zip_path))
+    assert zip_path.read_bytes() == before
 
     installed = dict(env, nnUNet_results=str(tmp_path / "results"))
     run([f"{BIN}/nnUNetv2_install_pretrained_model_from_zip", str(zip_path)], env=installed)
