@@ -62,7 +62,7 @@ def test_half_storage_halves_the_weights_and_loads_as_float32():
     assert torch.allclose(p, next(net.parameters()), atol=1e-3)
 
 
-def test_released_model_installs_with_nnunet_and_predicts_the_same(env, trained_3d, tmp_path):
+def test_released_model_installs_with_nnunet_and_predicts_the_same(env, inproc, trained_3d, tmp_path):
     zip_path = tmp_path / "model.zip"
     # released under the name users predict with: DiffusionTrainer, fold all (trained as the budget trainer, fold 0)
     proc = run([f"{BIN}/nnunet-diffusion", "release", "-d", "990", "-f", "0", "-tr", TR, "-o", str(zip_path),
