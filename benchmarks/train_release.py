@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     splits_file = os.path.join(pre, "splits_final.json")
     if not os.path.isfile(splits_file):
         ap.error(f"no {splits_file}: train any fold once (nnU-Net writes it) or copy the accuracy study's")
-    cases = sorted(json.load(open(splits_file))[0]["train"] + json.load(open(splits_file))[0]["val"])
+    first = json.load(open(splits_file))[0]
+    cases = sorted(first["train"] + first["val"])
     add_release_split(splits_file, cases)
 
     trainer = budget_name(args.trainer, epochs, iters)

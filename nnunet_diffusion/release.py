@@ -37,6 +37,10 @@ class ChecksumError(RuntimeError):
     pass
 
 
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
 def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 (hex) of the entries of a state dict other than :data:`DIGEST_KEY`: name, dtype, shape and the
     raw bytes of each tensor, in name order."""
@@ -49,7 +53,7 @@ def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(_raw_bytes(t))
     return h.hexdigest()
 
 
@@ -86,8 +90,7 @@ def released_checkpoint(checkpoint: Dict, half: bool = False) -> Dict:
             continue
         v = v.detach().cpu().contiguous()
         v = v.half() if half and v.is_floating_point() else v
-        key = (str(v.dtype), tuple(v.shape),
-               hashlib.sha256(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"").digest())
+        key = (str(v.dtype), tuple(v.shape), hashlib.sha256(_raw_bytes(v)).digest())
         weights[k] = converted.setdefault(key, v)
     weights[DIGEST_KEY] = digest_tensor(weights_digest(weights))
     out = {k: checkpoint[k] for k in KEPT if k in checkpoint}

@@ -132,6 +132,16 @@ def _load_probabilities(path: str, shape) -> np.ndarray:
     return probs
 
 
+def _uncertainty_of(files: Dict, shape, probs: Optional[np.ndarray] = None) -> np.ndarray:
+    """A method's map for one case: its map file, or the entropy of its probabilities (``probs``, else its npz)."""
+    if files["map"] is not None:
+        unc, _ = _read(files["map"])
+        if unc.shape != tuple(shape):
+            raise ValueError(f"{files['map']}: map shape {unc.shape} differs from the reference {tuple(shape)}")
+        return unc.astype(np.float64)
+    return entropy_of(probs if probs is not None else _load_probabilities(files["npz"], shape), 0)
+
+
 def method_cases(ref_folder: str, pred_folder: str, map_name: str, file_ending: str = ".nii.gz") -> Dict[str, Dict]:
     """Case -> files of one method: {'ref', 'pred', 'map' (None: entropy of the npz), 'npz' (or None)}."""
     from nnunet_diffusion.evaluation import _label_files
@@ -189,13 +199,7 @@ def score_method(cases: Dict[str, Dict], labels: Optional[Sequence[int]] = None,
     for c, (ref, pred, spacing) in loaded.items():
         files = cases[c]
         probs = _load_probabilities(files["npz"], ref.shape) if files["npz"] else None
-        if files["map"] is not None:
-            unc, _ = _read(files["map"])
-            if unc.shape != ref.shape:
-                raise ValueError(f"case {c}: map shape {unc.shape} differs from reference {ref.shape}")
-            unc = unc.astype(np.float64)
-        else:
-            unc = entropy_of(probs, 0)
+        unc = _uncertainty_of(files, ref.shape, probs)
         if not np.isfinite(unc).all():
             raise ValueError(f"case {c}: the uncertainty map has NaN or Inf values")
         region = region_of(ref, pred, spacing, margin_mm)
@@ -365,10 +369,7 @@ def case_panels(image_file: str, method_files: Sequence[Dict]) -> Dict:
     rows = []
     for files in method_files:
         pred, _ = _read(files["pred"])
-        if files["map"] is not None:
-            unc = _read(files["map"])[0].astype(np.float64)
-        else:
-            unc = entropy_of(_load_probabilities(files["npz"], ref.shape), 0)
+        unc = _uncertainty_of(files, ref.shape)
         rows.append({"prediction": pred[z], "uncertainty": unc[z], "errors": pred[z] != ref[z]})
     return {"slice": z, "image": image[z], "reference": ref[z], "methods": rows}
 
