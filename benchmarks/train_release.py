@@ -114,7 +114,7 @@ def main(argv=None) -> int:
              f"* training: `{info['command']}` (split {SPLIT} of splits_final.json, added by "
              f"`benchmarks/train_release.py`), {epochs} epochs x {iters} iterations at batch "
              f"{args.batch_size or 'as planned'}, {info['training_s'] / 3600:.2f} h of epochs; "
-             f"{describe(args.device, machine)}; {notes['date']}",
+             f"{describe(args.device, machine)} (released {notes['date']})",
              f"* Dice on the 6 held-out cases (nnU-Net's validation: mirroring, the trainer's output): mean "
              f"{notes['held_out_mean_dice']:.4f}; " + ", ".join(f"{c} {d:.3f}" for c, d in sorted(per_case.items())),
              f"* weights: float16, SHA-256 of the weights `{rel['weights_sha256']}` (checked on every load); "

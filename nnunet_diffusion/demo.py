@@ -36,6 +36,14 @@ def _run(cmd, env) -> None:
     subprocess.run(cmd, env=env, check=True)
 
 
+STEP_STARTS: dict = {}  # step -> seconds since the demo started (written to demo_results.json)
+
+
+def _step(k: int, what: str, start: float) -> None:
+    STEP_STARTS[f"{k}: {what}"] = round(time.time() - start, 1)
+    print(f"\n=== demo step {k}/5 ({time.time() - start:.0f} s so far): {what}", flush=True)
+
+
 def dice_per_class(pred: np.ndarray, ref: np.ndarray, labels) -> list[float]:
     out = []
     for c in labels:
@@ -78,8 +86,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_output", help="working folder (default: demo_output)")
     parser.add_argument("--data", default=DEFAULT_DATA, help="raw dataset folder (nnU-Net layout + imagesTs/labelsTs)")
-    parser.add_argument("--epochs", type=int, default=14)
-    parser.add_argument("--iters", type=int, default=25, help="training iterations per epoch")
+    parser.add_argument("--epochs", type=int, default=4,
+                        help="epochs of the short training run (default 4: it shows the loop working in a few minutes)")
+    parser.add_argument("--iters", type=int, default=15, help="training iterations per epoch (default 15)")
     parser.add_argument("--batch-size", type=int, default=2,
                         help="overrides the planned batch size to fit a CPU (default 2)")
     parser.add_argument("-device", default="cpu", choices=["cpu", "cuda"])
@@ -93,6 +102,7 @@ def main(argv=None) -> int:
         parser.error(f"no dataset.json in {args.data}")
 
     from nnunet_diffusion.cli import trainers_path
+    from nnunet_diffusion.machine import describe, machine_info
     start = time.time()
     out = os.path.abspath(args.out)
     env = dict(os.environ)
@@ -104,6 +114,7 @@ def main(argv=None) -> int:
         shutil.copytree(args.data, raw)
 
     # 1. nnU-Net planning and preprocessing (3d_fullres)
+    _step(1, 'planning and preprocessing the training cases (nnUNetv2_plan_and_preprocess)', start)
     plans_file = os.path.join(env["nnUNet_preprocessed"], DATASET, "nnUNetPlans.json")
     if not os.path.isfile(plans_file):
         _run([_bin("nnUNetv2_plan_and_preprocess"), "-d", "504", "-c", "3d_fullres", "-np", "2"], env)
@@ -117,6 +128,7 @@ def main(argv=None) -> int:
           f"{len(cfg['architecture']['arch_kwargs']['features_per_stage'])}-stage U-Net")
 
     # 2. training: nnU-Net's loop with DiffusionTrainer and a short budget
+    _step(2, "a short DiffusionTrainer run inside nnU-Net's training loop", start)
     trainer_name = f"DiffusionTrainer_{args.epochs}ep{args.iters}it"
     env_train = dict(env, nnUNet_n_proc_DA="0", nnUNet_compile="f")
     fold_dir = os.path.join(env["nnUNet_results"], DATASET, f"{trainer_name}__nnUNetPlans__3d_fullres", "fold_0")
@@ -130,11 +142,13 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, "-c", code], env=env_train, check=True)
 
     # 3. prediction of the held-out cases with the stock command
+    _step(3, "predicting the held-out cases with stock nnUNetv2_predict (the short run's model)", start)
     pred_dir = os.path.join(out, "predictions")
     _run([_bin("nnUNetv2_predict"), "-i", os.path.join(raw, "imagesTs"), "-o", pred_dir, "-d", "504",
           "-c", "3d_fullres", "-f", "0", "-tr", trainer_name, "-device", args.device, "-npp", "1", "-nps", "1"], env)
 
     # 4. the diffusion predictor: a 4-sample ensemble with per-voxel uncertainty (entropy, mutual information),
+    _step(4, '4 samples per case with per-voxel uncertainty (nnUNetv2_predict_diffusion)', start)
     # with the released model when there is one (installed by nnU-Net's own command), else the short run's
     model_args, model_label = ["-d", "504", "-f", "0", "-tr", trainer_name], f"the {trainer_name} run"
     if os.path.isfile(args.release):
@@ -151,6 +165,7 @@ def main(argv=None) -> int:
          env)
 
     # 5. Dice, uncertainty and a picture
+    _step(5, 'Dice per case and demo.png', start)
     import SimpleITK as sitk
 
     def read(*parts):
@@ -179,8 +194,11 @@ def main(argv=None) -> int:
     mean_ens = float(np.mean([np.mean(r["diffusion_4_samples"]) for r in rows]))
     print(f"\nmean foreground Dice on {len(rows)} held-out cases: nnUNetv2_predict {mean_fg:.3f}, "
           f"nnUNetv2_predict_diffusion --num-samples 4 ({model_label}) {mean_ens:.3f}")
-    print(f"(a {args.epochs} x {args.iters}-iteration training run on {len(os.listdir(os.path.join(raw, 'labelsTr')))} "
-          f"cases: a demonstration of the pipeline, not of the accuracy a full nnU-Net budget reaches)")
+    n_train = len(os.listdir(os.path.join(raw, 'labelsTr')))
+    print(f"(nnUNetv2_predict used the {args.epochs} x {args.iters}-iteration training run on {n_train} cases: it shows "
+          f"nnU-Net's training loop working, not the accuracy a real budget reaches"
+          + ("; the 4-sample column is the released model, trained for far longer on other cases)"
+             if os.path.isfile(args.release) else ")"))
 
     case = rows[0]["case"]
     png = os.path.join(out, "demo.png")
@@ -190,7 +208,9 @@ def main(argv=None) -> int:
     json.dump({"trainer": trainer_name, "budget": {"epochs": args.epochs, "iterations": args.iters,
                                                    "batch_size": args.batch_size},
                "four_sample_model": model_label, "release": args.release if os.path.isfile(args.release) else None,
-               "mean_foreground_dice": mean_fg, "mean_foreground_dice_4_samples": mean_ens, "cases": rows},
+               "mean_foreground_dice": mean_fg, "mean_foreground_dice_4_samples": mean_ens, "cases": rows,
+               "step_start_s": STEP_STARTS, "total_s": round(time.time() - start, 1),
+               "machine": describe(args.device, machine_info(args.device))},
               open(os.path.join(out, "demo_results.json"), "w"), indent=1)
     results = os.path.join(env["nnUNet_results"], DATASET, f"{trainer_name}__nnUNetPlans__3d_fullres")
     print(f"""

@@ -213,10 +213,12 @@ def _arrays(folder):
 
 
 def test_seeded_prediction_is_bit_identical_and_seed_dependent(env, trained_3d, inputs, tmp_path):
+    """The same seed gives the same files whatever the process layout (nnU-Net's sequential mode, -npp/-nps 0,
+    against 2 preprocessing and 2 export workers); another seed gives other probabilities."""
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    _predict(env, trained_3d, inputs, a, "--seed", "3", "--save_probabilities", "-npp", "1", "-nps", "1")
+    _predict(env, trained_3d, inputs, a, "--seed", "3", "--save_probabilities", "-npp", "0", "-nps", "0")
     _predict(env, trained_3d, inputs, b, "--seed", "3", "--save_probabilities", "-npp", "2", "-nps", "2")
-    _predict(env, trained_3d, inputs, c, "--seed", "4", "--save_probabilities", "-npp", "1", "-nps", "1")
+    _predict(env, trained_3d, inputs, c, "--seed", "4", "--save_probabilities", "-npp", "0", "-nps", "0")
     for name in ("case_003.nii.gz", "case_007.nii.gz"):
         assert open(a / name, "rb").read() == open(b / name, "rb").read()
     for case in ("case_003", "case_007"):
@@ -233,7 +235,8 @@ def test_default_is_one_mirroring_per_step_and_the_mean_of_all_steps(env, traine
             "last": ("--tta", "chain", "--average-last", "1"), "off": ("--tta", "off", "--average-last", "5")}
     probs = {}
     for name, extra in runs.items():
-        _predict(env, trained_3d, inputs, tmp_path / name, "--save_probabilities", "-npp", "1", "-nps", "1", *extra)
+        # sequential mode (-npp/-nps 0): no worker processes to start, same files (seeded test above)
+        _predict(env, trained_3d, inputs, tmp_path / name, "--save_probabilities", "-npp", "0", "-nps", "0", *extra)
         probs[name] = np.load(tmp_path / name / "case_003.npz")["probabilities"]
     assert np.array_equal(probs["default"], probs["explicit"])
     assert not np.allclose(probs["default"], probs["last"], atol=1e-4)
@@ -335,13 +338,14 @@ def test_corrupt_checkpoint_is_refused_at_prediction(env, trained_3d, inputs, tm
 
 def test_existing_predictions_kept_with_continue_prediction(env, trained_3d, inputs, tmp_path):
     out = tmp_path / "o"
-    _predict_cmd(env, inputs, out, check=True)
+    sequential = ("-npp", "0", "-nps", "0")  # nnU-Net's sequential mode: no worker processes to start
+    _predict_cmd(env, inputs, out, *sequential, check=True)
     target = out / "case_003.nii.gz"
     marker = b"user's file, must survive"
     target.write_bytes(marker)
-    _predict_cmd(env, inputs, out, "--continue_prediction", check=True)
+    _predict_cmd(env, inputs, out, "--continue_prediction", check=True)  # the default, multi-process path
     assert target.read_bytes() == marker  # nnU-Net's --continue_prediction: existing files are not redone
-    _predict_cmd(env, inputs, out, check=True)  # default (like nnUNetv2_predict): overwrite
+    _predict_cmd(env, inputs, out, *sequential, check=True)  # default (like nnUNetv2_predict): overwrite
     assert target.read_bytes() != marker
 
 
