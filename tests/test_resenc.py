@@ -31,7 +31,7 @@ def test_resenc_plans_train_validate_and_predict(env, tmp_path):
     inp.mkdir()
     os.symlink(os.path.join(env["raw"], "imagesTr", "case_003_0000.nii.gz"), inp / "case_003_0000.nii.gz")
     common = ["-i", str(inp), "-d", "990", "-c", "3d_fullres", "-f", "0", "-tr", tr, "-p", PLANS, "-device", "cpu",
-              "-npp", "1", "-nps", "1"]
+              "-npp", "0", "-nps", "0"]  # nnU-Net's sequential mode: no worker processes to start
     run([f"{BIN}/nnUNetv2_predict", *common, "-o", str(tmp_path / "stock"), "--disable_tta"], env=env)
     run([f"{BIN}/nnUNetv2_predict_diffusion", *common, "-o", str(tmp_path / "diff"), "--tta", "off"], env=env)
     ref = sitk.ReadImage(str(inp / "case_003_0000.nii.gz"))
