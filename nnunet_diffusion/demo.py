@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     # 2. training: nnU-Net's loop with DiffusionTrainer and a short budget
     _step(2, "a short DiffusionTrainer run inside nnU-Net's training loop", start)
     trainer_name = f"DiffusionTrainer_{args.epochs}ep{args.iters}it"
-    env_train = dict(env, nnUNet_n_proc_DA="0", nnUNet_compile="f")
+    env_train = dict(env, nnUNet_n_proc_DA="0", nnUNet_compile="f", PYTHONUNBUFFERED="1")  # epochs as they end
     fold_dir = os.path.join(env["nnUNet_results"], DATASET, f"{trainer_name}__nnUNetPlans__3d_fullres", "fold_0")
     if not os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")):
         code = ("import sys, torch\n"
@@ -196,8 +196,9 @@ def main(argv=None) -> int:
           f"nnUNetv2_predict_diffusion --num-samples 4 ({model_label}) {mean_ens:.3f}")
     n_train = len(os.listdir(os.path.join(raw, 'labelsTr')))
     print(f"(nnUNetv2_predict used the {args.epochs} x {args.iters}-iteration training run on {n_train} cases: it shows "
-          f"nnU-Net's training loop working, not the accuracy a real budget reaches"
-          + ("; the 4-sample column is the released model, trained for far longer on other cases)"
+          f"nnU-Net's training loop and the stock prediction command working, not the accuracy a real budget reaches"
+          + ("; so few iterations have not yet learnt the foreground, hence its Dice near 0" if mean_fg < 0.1 else "")
+          + ("; the 4-sample column is the released model, trained far longer on other cases: models/README.md)"
              if os.path.isfile(args.release) else ")"))
 
     case = rows[0]["case"]
