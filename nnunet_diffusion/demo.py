@@ -36,11 +36,9 @@ def _run(cmd, env) -> None:
     subprocess.run(cmd, env=env, check=True)
 
 
-STEP_STARTS: dict = {}  # step -> seconds since the demo started (written to demo_results.json)
-
-
-def _step(k: int, what: str, start: float) -> None:
-    STEP_STARTS[f"{k}: {what}"] = round(time.time() - start, 1)
+def _step(k: int, what: str, start: float, starts: dict) -> None:
+    """Announce step k of 5 with the time so far; record when it started in ``starts`` (demo_results.json)."""
+    starts[f"{k}: {what}"] = round(time.time() - start, 1)
     print(f"\n=== demo step {k}/5 ({time.time() - start:.0f} s so far): {what}", flush=True)
 
 
@@ -103,7 +101,7 @@ def main(argv=None) -> int:
 
     from nnunet_diffusion.cli import trainers_path
     from nnunet_diffusion.machine import describe, machine_info
-    start = time.time()
+    start, starts = time.time(), {}
     out = os.path.abspath(args.out)
     env = dict(os.environ)
     env.update(nnUNet_raw=os.path.join(out, "nnUNet_raw"), nnUNet_preprocessed=os.path.join(out, "nnUNet_preprocessed"),
@@ -114,7 +112,7 @@ def main(argv=None) -> int:
         shutil.copytree(args.data, raw)
 
     # 1. nnU-Net planning and preprocessing (3d_fullres)
-    _step(1, 'planning and preprocessing the training cases (nnUNetv2_plan_and_preprocess)', start)
+    _step(1, 'planning and preprocessing the training cases (nnUNetv2_plan_and_preprocess)', start, starts)
     plans_file = os.path.join(env["nnUNet_preprocessed"], DATASET, "nnUNetPlans.json")
     if not os.path.isfile(plans_file):
         _run([_bin("nnUNetv2_plan_and_preprocess"), "-d", "504", "-c", "3d_fullres", "-np", "2"], env)
@@ -128,7 +126,7 @@ def main(argv=None) -> int:
           f"{len(cfg['architecture']['arch_kwargs']['features_per_stage'])}-stage U-Net")
 
     # 2. training: nnU-Net's loop with DiffusionTrainer and a short budget
-    _step(2, "a short DiffusionTrainer run inside nnU-Net's training loop", start)
+    _step(2, "a short DiffusionTrainer run inside nnU-Net's training loop", start, starts)
     trainer_name = f"DiffusionTrainer_{args.epochs}ep{args.iters}it"
     env_train = dict(env, nnUNet_n_proc_DA="0", nnUNet_compile="f", PYTHONUNBUFFERED="1")  # epochs as they end
     fold_dir = os.path.join(env["nnUNet_results"], DATASET, f"{trainer_name}__nnUNetPlans__3d_fullres", "fold_0")
@@ -142,14 +140,14 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, "-c", code], env=env_train, check=True)
 
     # 3. prediction of the held-out cases with the stock command
-    _step(3, "predicting the held-out cases with stock nnUNetv2_predict (the short run's model)", start)
+    _step(3, "predicting the held-out cases with stock nnUNetv2_predict (the short run's model)", start, starts)
     pred_dir = os.path.join(out, "predictions")
     _run([_bin("nnUNetv2_predict"), "-i", os.path.join(raw, "imagesTs"), "-o", pred_dir, "-d", "504",
           "-c", "3d_fullres", "-f", "0", "-tr", trainer_name, "-device", args.device, "-npp", "1", "-nps", "1"], env)
 
     # 4. the diffusion predictor: a 4-sample ensemble with per-voxel uncertainty (entropy, mutual information),
-    _step(4, '4 samples per case with per-voxel uncertainty (nnUNetv2_predict_diffusion)', start)
     # with the released model when there is one (installed by nnU-Net's own command), else the short run's
+    _step(4, '4 samples per case with per-voxel uncertainty (nnUNetv2_predict_diffusion)', start, starts)
     model_args, model_label = ["-d", "504", "-f", "0", "-tr", trainer_name], f"the {trainer_name} run"
     if os.path.isfile(args.release):
         from nnunet_diffusion.release import check_zip
@@ -165,7 +163,7 @@ def main(argv=None) -> int:
          env)
 
     # 5. Dice, uncertainty and a picture
-    _step(5, 'Dice per case and demo.png', start)
+    _step(5, 'Dice per case and demo.png', start, starts)
     import SimpleITK as sitk
 
     def read(*parts):
@@ -210,7 +208,7 @@ def main(argv=None) -> int:
                                                    "batch_size": args.batch_size},
                "four_sample_model": model_label, "release": args.release if os.path.isfile(args.release) else None,
                "mean_foreground_dice": mean_fg, "mean_foreground_dice_4_samples": mean_ens, "cases": rows,
-               "step_start_s": STEP_STARTS, "total_s": round(time.time() - start, 1),
+               "step_start_s": starts, "total_s": round(time.time() - start, 1),
                "machine": describe(args.device, machine_info(args.device))},
               open(os.path.join(out, "demo_results.json"), "w"), indent=1)
     results = os.path.join(env["nnUNet_results"], DATASET, f"{trainer_name}__nnUNetPlans__3d_fullres")
