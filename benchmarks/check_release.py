@@ -25,14 +25,12 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from accuracy_protocol import bin_ as _bin  # noqa: E402  the command beside this interpreter
+
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZIP = os.path.join(HERE, "models", "Dataset004_Hippocampus_DiffusionTrainer.zip")
 DATA = os.path.join(HERE, "data", "Dataset504_HippocampusDemo")
-
-
-def _bin(name: str) -> str:
-    path = os.path.join(os.path.dirname(sys.executable), name)
-    return path if os.path.exists(path) else name
 
 
 def _run(cmd, env, check=True) -> subprocess.CompletedProcess:
