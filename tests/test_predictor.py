@@ -343,7 +343,7 @@ def test_existing_predictions_kept_with_continue_prediction(env, trained_3d, inp
     target = out / "case_003.nii.gz"
     marker = b"user's file, must survive"
     target.write_bytes(marker)
-    _predict_cmd(env, inputs, out, "--continue_prediction", check=True)  # the default, multi-process path
+    _predict_cmd(env, inputs, out, "--continue_prediction", check=True)  # the multi-process path (-npp/-nps 1)
     assert target.read_bytes() == marker  # nnU-Net's --continue_prediction: existing files are not redone
     _predict_cmd(env, inputs, out, *sequential, check=True)  # default (like nnUNetv2_predict): overwrite
     assert target.read_bytes() != marker
