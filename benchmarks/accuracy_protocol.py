@@ -388,6 +388,27 @@ def _paired(dice: Dict[str, float], ref: Dict[str, float]):
     return np.mean(a), np.mean(r), np.mean(a) - np.mean(r), paired_tests(a, r)["t_pvalue"]
 
 
+def run_mean(result: Dict, name: str) -> Dict[str, Dict[str, float]]:
+    """{mode: {case: mean Dice over every training run of ``name``}} (the run in ``methods`` and its
+    ``earlier_runs``), over the cases and modes all those runs have. One run: its own Dice."""
+    latest = result["methods"].get(name)
+    runs = ([latest] if latest else []) + result.get("earlier_runs", {}).get(name, [])
+    means = {}
+    for mode in (latest or {}).get("modes", {}):
+        per_run = [r["modes"][mode] for r in runs if mode in r["modes"]]
+        if len(per_run) != len(runs):
+            continue
+        cases = sorted(set(per_run[0]).intersection(*per_run[1:]))
+        means[mode] = {c: float(np.mean([d[c] for d in per_run])) for c in cases}
+    return means
+
+
+def runs_sentence(result: Dict) -> str:
+    """How many training runs the tables cover, per method."""
+    more = [f"{name} {1 + len(r)}" for name, r in result.get("earlier_runs", {}).items() if r]
+    return "One training run per method" + (f", except (runs): {', '.join(more)}." if more else ".")
+
+
 def write_tables(result: Dict, out: str) -> None:
     """accuracy.md from accuracy.json (and diagnosis.json): every number comes from those files."""
     from nnunet_diffusion.machine import describe
@@ -396,7 +417,7 @@ def write_tables(result: Dict, out: str) -> None:
     lines = [f"# Accuracy study: {result['dataset']} {result['configuration']}, fold {result['fold']} "
              f"({result['num_cases']} validation cases)", "",
              f"Budget {b['epochs']} epochs x {b['iterations']} iterations at batch {b['batch_size']} for every "
-             f"trainer; {describe(result['device'], result['machine'])}. One training run per method.", "",
+             f"trainer; {describe(result['device'], result['machine'])}. {runs_sentence(result)}", "",
              f"Command: `{result['command']}`", "",
              "Mean foreground Dice over cases; Δ and p (paired t-test, α = 0.01) against stock nnU-Net "
              "(`nnUNetTrainer`) in the same mirroring mode. `mirror`: nnU-Net's final validation with its default "
@@ -474,6 +495,26 @@ def write_tables(result: Dict, out: str) -> None:
                     cells.append(f"{delta:+.4f} ({p:.2g})")
                 lines.append(f"| {name} | {mode_label(e['trainer'], mode)} | {np.mean(list(dice.values())):.4f} | "
                              + " | ".join(cells) + " |")
+    repeated = [name for name in methods if name != "nnUNetTrainer" and earlier.get(name)]
+    if repeated and len(stock_runs) > 1:
+        stock_mean = run_mean(result, "nnUNetTrainer")
+        lines += ["", "## Over all training runs: per-case mean Dice over a method's runs against stock's", "",
+                  f"For each method trained more than once: the Dice of each run, and the per-case mean over its runs "
+                  f"against the per-case mean over the {len(stock_runs)} stock runs, same mirroring mode (stock `off` "
+                  "for the unmirrored modes); Δ and p: paired t-test over cases (α = 0.01). Averaging runs removes "
+                  "part of the training noise that a test against one run cannot see.", "",
+                  "| method | mode | runs | Dice of each run | Dice of the run mean | stock run mean | Δ | p |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name in repeated:
+            runs = [methods[name]] + earlier[name]
+            for mode, dice in run_mean(result, name).items():
+                ref = stock_mean.get("mirror" if mode == "mirror" else "off")
+                if not ref:
+                    continue
+                a, r, delta, p = _paired(dice, ref)
+                each = ", ".join(f"{np.mean(list(run['modes'][mode].values())):.4f}" for run in runs)
+                lines.append(f"| {name} | {mode_label(methods[name]['trainer'], mode)} | {len(runs)} | {each} | "
+                             f"{a:.4f} | {r:.4f} | {delta:+.4f} | {p:.2g} |")
     diag_path = os.path.join(out, "diagnosis.json")
     diag = json.load(open(diag_path)) if os.path.isfile(diag_path) else {}
     for name, e in methods.items():

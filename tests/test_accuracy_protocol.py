@@ -1,0 +1,62 @@
+"""The accuracy study's tables (benchmarks/accuracy_protocol.py): a method trained several times is compared
+through the per-case mean over all its runs, against the per-case mean over all stock runs."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+
+def _run(dice_mirror, dice_off, date):
+    cases = [f"c{i}" for i in range(len(dice_mirror))]
+    return {"trainer": "T", "date": date, "training": {"training_s": 1.0},
+            "modes": {"mirror": dict(zip(cases, dice_mirror)), "off": dict(zip(cases, dice_off))}}
+
+
+@pytest.fixture
+def result():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.7, 0.9, 12)
+    stock = [_run(base + d, base + d - 0.01, f"s{i}") for i, d in enumerate((0.0, 0.02))]
+    diff = [_run(base + d + rng.normal(0, 0.002, 12), base + d, f"d{i}") for i, d in enumerate((-0.02, 0.0, 0.01))]
+    for r, name in [(stock[0], "nnUNetTrainer_12ep50it")] + [(r, "DiffusionTrainer_ema_12ep50it") for r in diff]:
+        r["trainer"] = name
+    return {"dataset": "D", "configuration": "3d_fullres", "fold": 0, "num_cases": 12, "command": "c",
+            "budget": {"epochs": 12, "iterations": 50, "batch_size": 2}, "device": "cpu",
+            "machine": {"cpu": "x", "cpu_count": 2, "torch": "t", "nnunetv2": "n", "date_utc": "now"},
+            "methods": {"nnUNetTrainer": stock[0], "DiffusionTrainer_ema": diff[0]},
+            "earlier_runs": {"nnUNetTrainer": stock[1:], "DiffusionTrainer_ema": diff[1:]}}
+
+
+def test_run_mean_averages_every_run_per_case(result):
+    from accuracy_protocol import run_mean
+    runs = [result["methods"]["DiffusionTrainer_ema"]] + result["earlier_runs"]["DiffusionTrainer_ema"]
+    means = run_mean(result, "DiffusionTrainer_ema")
+    for mode in ("mirror", "off"):
+        for c, v in means[mode].items():
+            assert v == pytest.approx(np.mean([r["modes"][mode][c] for r in runs]))
+    # a case one run lacks is left out (a mean over fewer runs would mix run noise into the comparison)
+    del runs[1]["modes"]["off"]["c3"]
+    assert "c3" not in run_mean(result, "DiffusionTrainer_ema")["off"]
+    assert "c3" in run_mean(result, "DiffusionTrainer_ema")["mirror"]
+
+
+def test_tables_compare_run_means(result, tmp_path):
+    from accuracy_protocol import write_tables
+    write_tables(result, str(tmp_path))
+    text = (tmp_path / "accuracy.md").read_text()
+    assert "except (runs): nnUNetTrainer 2, DiffusionTrainer_ema 3." in text
+    section = text.split("## Over all training runs")[1].split("\n## ")[0]
+    row = [ln for ln in section.splitlines() if ln.startswith("| DiffusionTrainer_ema | mirror |")][0].split(" | ")
+    m = result["methods"]
+    runs = [m["DiffusionTrainer_ema"]] + result["earlier_runs"]["DiffusionTrainer_ema"]
+    stock = [m["nnUNetTrainer"]] + result["earlier_runs"]["nnUNetTrainer"]
+    mean = lambda rs: np.mean([np.mean(list(r["modes"]["mirror"].values())) for r in rs])  # noqa: E731
+    assert row[2] == "3"
+    assert float(row[4]) == pytest.approx(mean(runs), abs=1e-4)
+    assert float(row[5]) == pytest.approx(mean(stock), abs=1e-4)
+    assert float(row[6]) == pytest.approx(mean(runs) - mean(stock), abs=1e-4)
+    # the latest run alone would be 0.02 lower than the run mean: the table must not be that
+    assert abs(float(row[4]) - np.mean(list(m["DiffusionTrainer_ema"]["modes"]["mirror"].values()))) > 0.005
