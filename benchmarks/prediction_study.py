@@ -20,20 +20,23 @@ folder (``done`` marker) is reused.
    what it is a ratio to. ``--stock-time-only``: the stock model serves only as the timing reference (e.g. a
    short-budget model of the same plans: the weights do not change the time), so its Dice is not reported and
    steps 2 and 3, which need a trained stock model, are skipped.
-2. Uncertainty (``nnunet-diffusion uncertainty``): stock's softmax entropy (its ``--save_probabilities``),
+2. Ensemble: ``nnUNetv2_ensemble --save_npz`` of the N-sample diffusion and the stock probabilities,
+   compared with stock alone (``nnunet-diffusion compare``: paired tests on per-case Dice).
+3. Uncertainty (``nnunet-diffusion uncertainty``): stock's softmax entropy (its ``--save_probabilities``),
    the diffusion model's entropy with one sample (the chosen mode), and with ``--num-samples N`` (entropy and
-   mutual information); ``uncertainty/example.png``: the case of median stock Dice, each method's
-   prediction, uncertainty map and errors side by side.
-3. Ensemble: ``nnUNetv2_ensemble`` of the diffusion and the stock probabilities, compared with stock alone
-   (``nnunet-diffusion compare``: paired tests on per-case Dice).
+   mutual information), and the ensemble's entropy, each against its own errors, with per-case paired tests
+   against stock; ``uncertainty/example.png``: the case of median stock Dice, each method's prediction,
+   uncertainty map and errors side by side.
 
 Writes prediction.json (every per-case value, command, timing, machine, versions) and prediction.md.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Dict, List
@@ -51,7 +54,6 @@ def predict(cmd: List[str], folder: str, log: str) -> float:
     done = os.path.join(folder, "done")
     if os.path.isfile(done):
         return float(open(done).read().strip() or "nan")
-    import shutil
     shutil.rmtree(folder, ignore_errors=True)
     t0 = time.perf_counter()
     sh(cmd + ["-o", folder], log)
@@ -213,13 +215,22 @@ def main(argv=None) -> int:
                                           "seconds_per_case": round(seconds / len(cases), 3),
                                           "dice": dice_of(ns_folder)}
     save()
+    # 3. ensemble with stock (mean of the two probability maps, nnU-Net's own command, probabilities kept so the
+    # ensemble's entropy is scored too)
+    ens = os.path.join(study, f"ensemble_{mode.replace(':', '_')}_samples{args.num_samples}_stock")
+    if not os.path.isfile(os.path.join(ens, "done")) or not glob.glob(os.path.join(ens, "*.npz")):
+        shutil.rmtree(ens, ignore_errors=True)
+        sh([bin_("nnUNetv2_ensemble"), "-i", ns_folder, runs["stock_mirror"]["folder"], "-o", ens, "-np", "1",
+            "--save_npz"], log)
+        open(os.path.join(ens, "done"), "w").close()
+
     one = runs[f"tta_{mode}"]["folder"]
     n = f"diffusion, {args.num_samples} samples"
-    rep = uncertainty_report(gt, [runs["stock_mirror"]["folder"], one, ns_folder, ns_folder],
+    rep = uncertainty_report(gt, [runs["stock_mirror"]["folder"], one, ns_folder, ns_folder, ens],
                              os.path.join(out, "uncertainty"),
-                             maps=["probabilities", "probabilities", "entropy", "mutual_info"],
+                             maps=["probabilities", "probabilities", "entropy", "mutual_info", "probabilities"],
                              names=["stock (softmax entropy)", "diffusion, 1 sample (entropy)", f"{n} (entropy)",
-                                    f"{n} (mutual information)"])
+                                    f"{n} (mutual information)", f"{n} + stock ensemble (entropy)"])
     result["uncertainty"] = {k: {"dice": v["dice"]["mean"], "voxel_auroc": v["voxel"]["auroc"],
                                  "voxel_auprc": v["voxel"]["auprc"],
                                  "ece": (v["calibration"] or {}).get("ece"),
@@ -239,11 +250,6 @@ def main(argv=None) -> int:
     result["example_case"] = case
     save()
 
-    # 3. ensemble with stock (mean of the two probability maps, nnU-Net's own command)
-    ens = os.path.join(study, f"ensemble_{mode.replace(':', '_')}_samples{args.num_samples}_stock")
-    if not os.path.isfile(os.path.join(ens, "done")):
-        sh([bin_("nnUNetv2_ensemble"), "-i", ns_folder, runs["stock_mirror"]["folder"], "-o", ens, "-np", "1"], log)
-        open(os.path.join(ens, "done"), "w").close()
     report = compare(ens, runs["stock_mirror"]["folder"], gt, os.path.join(out, "ensemble_vs_stock"),
                      names=["diffusion + stock ensemble", "stock"])
     result["ensemble"] = {"members": [ns_folder, runs["stock_mirror"]["folder"]],

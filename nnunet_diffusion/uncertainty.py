@@ -259,6 +259,31 @@ def qc_scores(per_case: Dict[str, Dict], fraction: float = 0.1) -> Dict:
             "worst_cases": [c for c, w in zip(cases, worst) if w]}
 
 
+PAIRED_METRICS = ("auroc", "auprc", "brier", "dice")
+
+
+def paired_against(first: Dict, other: Dict) -> Dict[str, Dict]:
+    """Per-case metrics of ``other`` against ``first`` (two :func:`score_method` results on the same cases):
+    {metric: {n, mean, reference_mean, delta, t_pvalue, wilcoxon_pvalue}} over the cases where both have the
+    metric. Each method is scored against its own errors, so AUROC/AUPRC compare how well each map finds its
+    own model's errors; Brier needs probabilities for both."""
+    from nnunet_diffusion.evaluation import paired_tests
+    out: Dict[str, Dict] = {}
+    for metric in PAIRED_METRICS:
+        cases = sorted(c for c in set(first["per_case"]) & set(other["per_case"])
+                       if first["per_case"][c].get(metric) is not None
+                       and other["per_case"][c].get(metric) is not None)
+        if len(cases) < 2:
+            continue
+        a = [other["per_case"][c][metric] for c in cases]
+        b = [first["per_case"][c][metric] for c in cases]
+        tests = paired_tests(a, b)
+        out[metric] = {"n": len(cases), "mean": float(np.mean(a)), "reference_mean": float(np.mean(b)),
+                       "delta": float(np.mean(a) - np.mean(b)), "t_pvalue": tests["t_pvalue"],
+                       "wilcoxon_pvalue": tests["wilcoxon_pvalue"]}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- report
 def _f(v, digits=3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
@@ -303,8 +328,11 @@ def uncertainty_report(ref_folder: str, pred_folders: Sequence[str], out_dir: st
         r = score_method({c: cases[c] for c in common}, labels, margin_mm, bins, qc_fraction)
         r.update({"folder": os.path.abspath(folder), "map": m})
         methods[name] = r
+    first = names[0]
+    paired = {name: paired_against(methods[first], r) for name, r in methods.items() if name != first}
     report = {"reference": os.path.abspath(ref_folder), "cases": common, "labels": [int(l) for l in labels],
-              "margin_mm": margin_mm, "bins": bins, "qc_fraction": qc_fraction, "methods": methods}
+              "margin_mm": margin_mm, "bins": bins, "qc_fraction": qc_fraction, "methods": methods,
+              "paired_vs_first": paired}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -323,6 +351,17 @@ def uncertainty_report(ref_folder: str, pred_folders: Sequence[str], out_dir: st
                      f"{_f(cal.get('brier'), 4)} | {_f(r['qc']['spearman'])} | {_f(r['qc']['worst_auroc'])} |")
     lines += ["", "Calibration needs `CASE.npz` (`--save_probabilities`); – where a method has none. "
               "Reliability diagram: `reliability.png`."]
+    if paired:
+        lines += ["", f"## Per case, against {first}", "",
+                  f"Mean over cases of each case's metric, the method minus `{first}`; p: paired t-test and Wilcoxon "
+                  "signed-rank test over cases (two-sided). Each map is scored against its own model's errors. "
+                  "Higher is better for AUROC, AUPRC and Dice, lower for Brier.", "",
+                  "| method | metric | cases | method | " + first + " | Δ | t-test p | Wilcoxon p |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, tests in paired.items():
+            for metric, t in tests.items():
+                lines.append(f"| {name} | {metric} | {t['n']} | {t['mean']:.4f} | {t['reference_mean']:.4f} | "
+                             f"{t['delta']:+.4f} | {t['t_pvalue']:.2g} | {t['wilcoxon_pvalue']:.2g} |")
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     _reliability_plot(methods, os.path.join(out_dir, "reliability.png"))

@@ -126,7 +126,32 @@ def test_command_scores_a_perfect_and_a_constant_map_side_by_side(folders):
     # more errors -> lower Dice and a higher mean entropy over the predicted foreground
     assert perfect["qc"]["spearman"] == pytest.approx(-1.0)
     assert "| perfect | entropy |" in open(out / "report.md").read()
+    # the second method against the first, case by case: the constant map's AUROC is 0.5 in every case
+    paired = rep["paired_vs_first"]["constant"]
+    assert paired["auroc"]["n"] == 3 and paired["auroc"]["delta"] == pytest.approx(-0.5)
+    assert "| constant | auroc | 3 | 0.5000 | 1.0000 | -0.5000 |" in open(out / "report.md").read()
     assert (out / "reliability.png").stat().st_size > 0
+
+
+def test_paired_against_the_first_method_case_by_case():
+    from scipy import stats
+
+    from nnunet_diffusion.uncertainty import paired_against
+    ref = [0.80, 0.90, 0.70, 0.85, 0.75]
+    other = [0.86, 0.93, 0.74, 0.86, 0.80]
+    first = {"per_case": {f"c{i}": {"auroc": r, "brier": 0.2, "dice": 0.8} for i, r in enumerate(ref)}}
+    second = {"per_case": {f"c{i}": {"auroc": o, "brier": None if i == 0 else 0.1 + 0.01 * i, "dice": 0.8}
+                           for i, o in enumerate(other)}}
+    res = paired_against(first, second)
+    d = np.subtract(other, ref)
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))  # the paired t statistic by hand
+    assert res["auroc"]["n"] == 5 and res["auroc"]["delta"] == pytest.approx(d.mean())
+    assert res["auroc"]["mean"] == pytest.approx(np.mean(other))
+    assert res["auroc"]["t_pvalue"] == pytest.approx(2 * stats.t.sf(abs(t), len(d) - 1))
+    # a case without a Brier score (no probabilities) is left out of that metric only
+    assert res["brier"]["n"] == 4 and res["brier"]["delta"] == pytest.approx(np.mean([0.11, 0.12, 0.13, 0.14]) - 0.2)
+    assert "auprc" not in res  # neither method has it
+    assert res["dice"]["t_pvalue"] == 1.0  # identical per-case values
 
 
 def test_margin_decides_what_is_scored(folders):
