@@ -250,6 +250,11 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-training", action="store_true", help="only evaluate trainers that finished")
     ap.add_argument("--mirrors-only", action="store_true",
                     help="for trained models of --trainers, only (re)compute the per-mirroring diagnosis")
+    ap.add_argument("--tables-only", action="store_true",
+                    help="only rewrite accuracy.md from accuracy.json and diagnosis.json in -o")
+    ap.add_argument("--validation-only", action="store_true",
+                    help="only nnU-Net's final validation (default mirroring): no unmirrored predictions or "
+                         "diagnoses, e.g. for repeated training runs")
     ap.add_argument("--mirror-cases", type=int, default=0,
                     help="per-mirroring diagnosis on the first N validation cases (sorted; 0: all)")
     args = ap.parse_args(argv)
@@ -262,6 +267,10 @@ def main(argv=None) -> int:
 
     epochs, iters = parse_budget(args.budget)
     out = os.path.abspath(args.o)
+    if args.tables_only:
+        write_tables(json.load(open(os.path.join(out, "accuracy.json"))), out)
+        print(open(os.path.join(out, "accuracy.md")).read())
+        return 0
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     work = os.path.join(str(nnUNet_results), DATASET, "accuracy_protocol_work")
     plans = prepare(args.batch_size, os.path.join(out, "logs", "prepare.log"))
@@ -309,22 +318,24 @@ def main(argv=None) -> int:
             from nnunet_diffusion.budget import make_budget_trainer
             num_steps = make_budget_trainer(trainer).diffusion.num_steps
         folders = {"mirror": os.path.join(info["fold_dir"], "validation")}
-        folders.update(predict_unmirrored(trainer, args.fold, args.device, os.path.join(work, "images"), work, out,
-                                          diffusion, num_steps))
+        if not args.validation_only:
+            folders.update(predict_unmirrored(trainer, args.fold, args.device, os.path.join(work, "images"), work,
+                                              out, diffusion, num_steps))
         entry = {"trainer": trainer, "training": info, "modes": {},
                  "protocol_command": "python benchmarks/accuracy_protocol.py " + " ".join(argv or sys.argv[1:])}
         for mode, folder in folders.items():
             ev = evaluate_folders(gt, folder)
             entry["modes"][mode] = {c: v["case"]["dice"] for c, v in ev["cases"].items()}
-        if diffusion:
+        if diffusion and not args.validation_only:
             steps = {}
             for suffix in step_suffixes(folders["off"]):
                 ev = evaluate_folders(gt, folders["off"], suffix=suffix)
                 steps[suffix[1:]] = {c: v["case"]["dice"] for c, v in ev["cases"].items()}
             entry["steps"] = steps
             diagnosis[trainer] = logits_dependence_on_t(model_dir, args.fold, cases, args.device)
-        diagnosis.setdefault(trainer, {})["mirrors"] = mirror_dependence(model_dir, args.fold, mirror_cases,
-                                                                         args.device, diffusion)
+        if not args.validation_only:
+            diagnosis.setdefault(trainer, {})["mirrors"] = mirror_dependence(model_dir, args.fold, mirror_cases,
+                                                                             args.device, diffusion)
         entry["seconds"] = round(time.time() - t0, 1)
         entry["date"] = training_start(trainer, out)
         previous = result["methods"].get(base)
@@ -344,8 +355,7 @@ def main(argv=None) -> int:
                 json.dump(old, f, indent=1)
         if base != "nnUNetTrainer" and "nnUNetTrainer" in result["methods"]:
             stock_dir = os.path.join(str(nnUNet_results), DATASET, f"{stock}__nnUNetPlans__{CONFIG}")
-            for mode, folder in (("mirror", folders["mirror"]),
-                                 ("off", folders["off"])):
+            for mode, folder in ((m, folders[m]) for m in ("mirror", "off") if m in folders):
                 other = os.path.join(stock_dir, f"fold_{args.fold}", "validation") if mode == "mirror" else \
                     os.path.join(work, stock, "off")
                 if not os.path.isdir(other):
@@ -517,10 +527,13 @@ def write_tables(result: Dict, out: str) -> None:
                              f"{a:.4f} | {r:.4f} | {delta:+.4f} | {p:.2g} |")
     diag_path = os.path.join(out, "diagnosis.json")
     diag = json.load(open(diag_path)) if os.path.isfile(diag_path) else {}
-    for name, e in methods.items():
-        if "steps" not in e:
+    for name, latest in methods.items():
+        # the newest run with the unmirrored predictions (a --validation-only rerun has none)
+        e = next((r for r in [latest] + earlier.get(name, []) if "steps" in r), None)
+        if e is None:
             continue
-        lines += ["", f"## Per-step diagnosis: {e['trainer']} (no mirroring)", "",
+        run = "" if e is latest else f", training run of {e.get('date', 'an earlier date')}"
+        lines += ["", f"## Per-step diagnosis: {e['trainer']} (no mirroring{run})", "",
                   "| output | Dice |", "|---|---|"]
         for step, dice in e["steps"].items():
             lines.append(f"| x0_hat of {step} | {np.mean(list(dice.values())):.4f} |")

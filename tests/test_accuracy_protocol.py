@@ -60,3 +60,16 @@ def test_tables_compare_run_means(result, tmp_path):
     assert float(row[6]) == pytest.approx(mean(runs) - mean(stock), abs=1e-4)
     # the latest run alone would be 0.02 lower than the run mean: the table must not be that
     assert abs(float(row[4]) - np.mean(list(m["DiffusionTrainer_ema"]["modes"]["mirror"].values()))) > 0.005
+
+
+def test_per_step_table_comes_from_the_newest_run_that_has_it(result, tmp_path):
+    """A --validation-only rerun has no unmirrored predictions: the per-step table stays, from the earlier run."""
+    from accuracy_protocol import write_tables
+    earlier = result["earlier_runs"]["DiffusionTrainer_ema"]
+    earlier[0]["steps"] = {"step5": {"c0": 0.5}, "step1": {"c0": 0.7}}
+    earlier[1]["steps"] = {"step5": {"c0": 0.1}, "step1": {"c0": 0.2}}
+    write_tables(result, str(tmp_path))
+    text = (tmp_path / "accuracy.md").read_text()
+    section = text.split("## Per-step diagnosis: DiffusionTrainer_ema_12ep50it (no mirroring, training run of d1)")[1]
+    assert "| x0_hat of step5 | 0.5000 |" in section.split("\n## ")[0]
+    assert "0.1000" not in text
