@@ -204,7 +204,7 @@ def main(argv=None) -> int:
         print(open(os.path.join(out, "prediction.md")).read())
         return 0
 
-    # 2. uncertainty: N samples in the chosen mode
+    # N samples in the chosen mode (for the ensemble and the uncertainty scores)
     mode = args.uncertainty_mode or chosen or args.modes[0]
     ns_folder = os.path.join(study, f"tta_{mode.replace(':', '_')}_samples{args.num_samples}")
     cmd = [bin_("nnUNetv2_predict_diffusion"), *base, "-tr", args.trainer, *mode_args(mode), "--uncertainty",
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
                                           "seconds_per_case": round(seconds / len(cases), 3),
                                           "dice": dice_of(ns_folder)}
     save()
-    # 3. ensemble with stock (mean of the two probability maps, nnU-Net's own command, probabilities kept so the
+    # 2. ensemble with stock (mean of the two probability maps, nnU-Net's own command, probabilities kept so the
     # ensemble's entropy is scored too)
     ens = os.path.join(study, f"ensemble_{mode.replace(':', '_')}_samples{args.num_samples}_stock")
     if not os.path.isfile(os.path.join(ens, "done")) or not glob.glob(os.path.join(ens, "*.npz")):
