@@ -224,6 +224,7 @@ def main(argv=None) -> int:
             "--save_npz"], log)
         open(os.path.join(ens, "done"), "w").close()
 
+    # 3. uncertainty of every method against its own errors
     one = runs[f"tta_{mode}"]["folder"]
     n = f"diffusion, {args.num_samples} samples"
     rep = uncertainty_report(gt, [runs["stock_mirror"]["folder"], one, ns_folder, ns_folder, ens],
