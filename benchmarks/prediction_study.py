@@ -236,7 +236,12 @@ def main(argv=None) -> int:
                                  "voxel_auprc": v["voxel"]["auprc"],
                                  "ece": (v["calibration"] or {}).get("ece"),
                                  "brier": (v["calibration"] or {}).get("brier"), "qc_spearman": v["qc"]["spearman"],
-                                 "qc_worst_auroc": v["qc"]["worst_auroc"]} for k, v in rep["methods"].items()}
+                                 "qc_worst_auroc": v["qc"]["worst_auroc"],
+                                 "expected_dice": (v["qc_expected_dice"] or {}).get("mean_expected_dice"),
+                                 "expected_dice_spearman": (v["qc_expected_dice"] or {}).get("spearman"),
+                                 "expected_dice_mae": (v["qc_expected_dice"] or {}).get("mean_abs_error"),
+                                 "expected_dice_worst_auroc": (v["qc_expected_dice"] or {}).get("worst_auroc")}
+                             for k, v in rep["methods"].items()}
     result["uncertainty_mode"] = mode
     # one case, stock's and the diffusion model's maps beside their errors: the case of median stock Dice
     from nnunet_diffusion.uncertainty import example_figure, method_cases
@@ -296,14 +301,17 @@ def write_md(result: Dict, out: str) -> None:
     lines += ["", f"Rule: {result['rule']} → **{result['chosen_mode']}**."]
     if "uncertainty" in result:
         lines += ["", f"## Uncertainty (TTA {result['uncertainty_mode']}; report: `uncertainty/report.md`)", "",
-                  "| method | Dice | voxel AUROC | AUPRC | ECE | Brier | case-QC Spearman | worst-10% AUROC |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| method | Dice | voxel AUROC | AUPRC | ECE | Brier | case-QC Spearman | worst-10% AUROC | "
+                  "expected Dice | its Spearman | its mean abs. error | its worst-10% AUROC |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
         def f(v, d=3):
             return "–" if v is None else f"{v:.{d}f}"
         for name, u in result["uncertainty"].items():
             lines.append(f"| {name} | {f(u['dice'], 4)} | {f(u['voxel_auroc'])} | {f(u['voxel_auprc'])} | "
-                         f"{f(u['ece'], 4)} | {f(u['brier'], 4)} | {f(u['qc_spearman'])} | {f(u['qc_worst_auroc'])} |")
+                         f"{f(u['ece'], 4)} | {f(u['brier'], 4)} | {f(u['qc_spearman'])} | {f(u['qc_worst_auroc'])} | "
+                         f"{f(u.get('expected_dice'), 4)} | {f(u.get('expected_dice_spearman'))} | "
+                         f"{f(u.get('expected_dice_mae'), 4)} | {f(u.get('expected_dice_worst_auroc'))} |")
     if "ensemble" in result:
         e = result["ensemble"]
         lines += ["", "## Ensemble with stock (`nnUNetv2_ensemble`, mean of the probabilities)", "",

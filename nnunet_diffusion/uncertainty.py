@@ -28,6 +28,13 @@ Metrics:
   (the whole region if nothing is predicted); Spearman's rho between it and the case Dice (negative is
   good: uncertain cases are the bad ones) and the AUROC of flagging the worst ``ceil(qc_fraction * n)``
   cases (lowest Dice) by it.
+* case-level quality control from the probabilities (when ``CASE.npz`` exists): the case's **expected Dice**,
+  the Dice its own probabilities predict for its label map: per foreground label l,
+  2 * sum(P_l * q_l) / (sum(P_l) + sum(q_l)) with P_l = (prediction == l) and q_l the probability of label l
+  (channel l of the npz), averaged over the labels that the reference or the prediction contains (as the case
+  Dice is); 1 where neither predicts nor contains any. A perfectly calibrated model's expected Dice tracks its
+  Dice. Scored by Spearman's rho with the case Dice (positive is good), the mean absolute difference between
+  the two, and the AUROC of flagging the worst cases by the lowest expected Dice.
 """
 from __future__ import annotations
 
@@ -103,6 +110,25 @@ def entropy_of(probabilities: np.ndarray, axis: int = 0) -> np.ndarray:
     """Predictive entropy (natural log) over ``axis``."""
     p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0)
     return -np.sum(p * np.log(p), axis=axis)
+
+
+def expected_dice(probabilities: np.ndarray, pred: np.ndarray, labels: Sequence[int],
+                  ref: Optional[np.ndarray] = None) -> float:
+    """The Dice that ``probabilities`` (C, *image) expect for the label map ``pred`` (module docstring):
+    the mean over the labels present in ``ref`` (else in ``pred``) of 2 sum(P q) / (sum(P) + sum(q))."""
+    if probabilities.shape[0] <= max(labels):
+        raise ValueError(f"probabilities have {probabilities.shape[0]} channels; label {max(labels)} needs "
+                         f"channel {max(labels)}")
+    scored = [l for l in labels if ref is not None and (ref == l).any()] or [l for l in labels if (pred == l).any()]
+    if not scored:
+        return 1.0
+    values = []
+    for l in scored:
+        mask = pred == l
+        q = probabilities[l].astype(np.float64)
+        denominator = mask.sum() + q.sum()
+        values.append(2.0 * q[mask].sum() / denominator if denominator > 0 else 1.0)
+    return float(np.mean(values))
 
 
 def region_of(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float], margin_mm: float) -> np.ndarray:
@@ -222,6 +248,8 @@ def score_method(cases: Dict[str, Dict], labels: Optional[Sequence[int]] = None,
             brier_sum += b * p.shape[1]
             n_cal += p.shape[1]
             entry["brier"] = b
+            entry["expected_dice"] = expected_dice(probs, pred, labels, ref)
+            entry["expected_dice_error"] = abs(entry["expected_dice"] - entry["dice"])
         per_case[c] = entry
     s, e = np.concatenate(scores), np.concatenate(errors)
     case_aurocs = [v["auroc"] for v in per_case.values() if v["auroc"] is not None]
@@ -231,7 +259,10 @@ def score_method(cases: Dict[str, Dict], labels: Optional[Sequence[int]] = None,
               "voxel": {"auroc": auroc(s, e), "auprc": average_precision(s, e),
                         "auroc_case_mean": float(np.mean(case_aurocs)) if case_aurocs else None,
                         "auprc_case_mean": float(np.mean(case_auprcs)) if case_auprcs else None},
-              "calibration": None, "qc": qc_scores(per_case, qc_fraction), "per_case": per_case}
+              "calibration": None, "qc": qc_scores(per_case, qc_fraction),
+              "qc_expected_dice": (expected_dice_qc(per_case, qc_fraction)
+                                   if all("expected_dice" in v for v in per_case.values()) else None),
+              "per_case": per_case}
     if len(conf) == len(per_case) and n_cal:
         rel = reliability(np.concatenate(conf), np.concatenate(correct), bins)
         result["calibration"] = {"ece": rel["ece"], "brier": brier_sum / n_cal, "reliability": rel}
@@ -259,7 +290,21 @@ def qc_scores(per_case: Dict[str, Dict], fraction: float = 0.1) -> Dict:
             "worst_cases": [c for c, w in zip(cases, worst) if w]}
 
 
-PAIRED_METRICS = ("auroc", "auprc", "brier", "dice")
+def expected_dice_qc(per_case: Dict[str, Dict], fraction: float = 0.1) -> Dict:
+    """Case QC by the expected Dice: Spearman's rho with the Dice (positive is good), the mean absolute
+    difference of the two, and the AUROC of flagging the worst cases by the lowest expected Dice."""
+    cases = sorted(per_case)
+    expected = np.array([per_case[c]["expected_dice"] for c in cases])
+    dice = np.array([per_case[c]["dice"] for c in cases])
+    flipped = qc_scores({c: {"dice": per_case[c]["dice"], "mean_uncertainty": -per_case[c]["expected_dice"]}
+                         for c in cases}, fraction)
+    rho = None if flipped["spearman"] is None else -flipped["spearman"]
+    return {"spearman": rho, "spearman_p": flipped["spearman_p"], "fraction": fraction,
+            "mean_abs_error": float(np.abs(expected - dice).mean()), "mean_expected_dice": float(expected.mean()),
+            "worst_auroc": flipped["worst_auroc"], "worst_cases": flipped["worst_cases"]}
+
+
+PAIRED_METRICS = ("auroc", "auprc", "brier", "expected_dice_error", "dice")
 
 
 def paired_against(first: Dict, other: Dict) -> Dict[str, Dict]:
@@ -341,21 +386,29 @@ def uncertainty_report(ref_folder: str, pred_folders: Sequence[str], out_dir: st
              f"{list(labels)}. Voxel metrics over the reference or predicted foreground dilated by {margin_mm} mm "
              "(pooled over cases); the map scores 'voxel wrongly labelled'. ECE: top-label, "
              f"{bins} bins. Case QC: Spearman's rho of the case's mean uncertainty over its predicted foreground "
-             f"with its Dice (negative is good), AUROC of flagging the worst {qc_fraction:.0%} of cases.", "",
+             f"with its Dice (negative is good), AUROC of flagging the worst {qc_fraction:.0%} of cases. "
+             "Expected Dice (needs the probabilities): the Dice a case's probabilities predict for its label "
+             "map; Spearman's rho with the Dice (positive is good), mean |expected - Dice|, AUROC of flagging "
+             "the worst cases by the lowest expected Dice.", "",
              "| method | map | Dice | voxel AUROC | AUPRC | error rate | ECE | Brier | case-QC Spearman | "
-             "worst-case AUROC |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "worst-case AUROC | expected Dice | its Spearman | its mean abs. error | its worst-case AUROC |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in methods.items():
         cal = r["calibration"] or {}
+        ed = r["qc_expected_dice"] or {}
         lines.append(f"| {name} | {r['map']} | {_f(r['dice']['mean'])} | {_f(r['voxel']['auroc'])} | "
                      f"{_f(r['voxel']['auprc'])} | {_f(r['error_rate'])} | {_f(cal.get('ece'), 4)} | "
-                     f"{_f(cal.get('brier'), 4)} | {_f(r['qc']['spearman'])} | {_f(r['qc']['worst_auroc'])} |")
+                     f"{_f(cal.get('brier'), 4)} | {_f(r['qc']['spearman'])} | {_f(r['qc']['worst_auroc'])} | "
+                     f"{_f(ed.get('mean_expected_dice'), 4)} | {_f(ed.get('spearman'))} | "
+                     f"{_f(ed.get('mean_abs_error'), 4)} | {_f(ed.get('worst_auroc'))} |")
     lines += ["", "Calibration needs `CASE.npz` (`--save_probabilities`); – where a method has none. "
               "Reliability diagram: `reliability.png`."]
     if paired:
         lines += ["", f"## Per case, against {first}", "",
                   f"Mean over cases of each case's metric, the method minus `{first}`; p: paired t-test and Wilcoxon "
                   "signed-rank test over cases (two-sided). Each map is scored against its own model's errors. "
-                  "Higher is better for AUROC, AUPRC and Dice, lower for Brier.", "",
+                  "Higher is better for AUROC, AUPRC and Dice, lower for Brier and expected_dice_error "
+                  "(|expected Dice - Dice|).", "",
                   "| method | metric | cases | method | " + first + " | Δ | t-test p | Wilcoxon p |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, tests in paired.items():

@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from nnunet_diffusion.uncertainty import (auroc, average_precision, brier, entropy_of, qc_scores, region_of,
+from nnunet_diffusion.uncertainty import (auroc, average_precision, brier, entropy_of, expected_dice, expected_dice_qc,
+                                          qc_scores, region_of,
                                           reliability)
 
 CLI = os.path.join(os.path.dirname(sys.executable), "nnunet-diffusion")
@@ -73,6 +74,33 @@ def test_qc_spearman_and_worst_case_flagging():
     assert qc_scores(per_case, 0.1)["worst_auroc"] == 0.0
 
 
+def test_expected_dice_is_the_dice_the_probabilities_predict():
+    pred = np.zeros((4, 6, 6), np.uint8)
+    pred[1:3, 1:4, 1:4] = 1  # 18 voxels of label 1
+    pred[1:3, 4:6, 4:6] = 2  # 8 voxels of label 2
+    probs = np.zeros((3, *pred.shape))
+    probs[pred, *np.indices(pred.shape)] = 1.0
+    assert expected_dice(probs, pred, [1, 2]) == pytest.approx(1.0)  # certain of its own map: expects Dice 1
+    probs[1][pred == 1] = 0.5  # half sure of label 1 where it predicts it, nowhere else: 2*9 / (18 + 9)
+    probs[0][pred == 1] = 0.5
+    assert expected_dice(probs, pred, [1, 2]) == pytest.approx((2 / 3 + 1.0) / 2)
+    probs[1][0, 0, 0] = 0.3  # probability of label 1 outside the predicted region lowers it further
+    assert expected_dice(probs, pred, [1, 2]) == pytest.approx((2 * 9 / (18 + 9.3) + 1.0) / 2)
+    # only the labels the reference contains are scored, as in the case Dice
+    ref = np.where(pred == 2, 2, 0).astype(np.uint8)
+    assert expected_dice(probs, pred, [1, 2], ref) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="channel 3"):
+        expected_dice(probs, pred, [1, 3])
+
+
+def test_expected_dice_qc_sign_and_error():
+    per_case = {f"c{i}": {"dice": 0.9 - 0.05 * i, "expected_dice": 0.95 - 0.05 * i} for i in range(10)}
+    q = expected_dice_qc(per_case, 0.1)
+    assert q["spearman"] == pytest.approx(1.0)  # tracks the Dice: positive
+    assert q["mean_abs_error"] == pytest.approx(0.05)
+    assert q["worst_cases"] == ["c9"] and q["worst_auroc"] == 1.0
+
+
 def _write(path, arr, spacing=(2.0, 1.0, 1.0)):
     import SimpleITK as sitk
     img = sitk.GetImageFromArray(arr)
@@ -125,6 +153,11 @@ def test_command_scores_a_perfect_and_a_constant_map_side_by_side(folders):
     assert cal["brier"] == pytest.approx(2 * perfect["error_rate"], abs=1e-6)
     # more errors -> lower Dice and a higher mean entropy over the predicted foreground
     assert perfect["qc"]["spearman"] == pytest.approx(-1.0)
+    # one-hot probabilities expect Dice 1 for every case: off by 1 - Dice
+    dice = [v["dice"] for v in perfect["per_case"].values()]
+    assert min(dice) < 1.0
+    assert perfect["qc_expected_dice"]["mean_abs_error"] == pytest.approx(1.0 - np.mean(dice))
+    assert constant["qc_expected_dice"]["mean_expected_dice"] == pytest.approx(1.0)
     assert "| perfect | entropy |" in open(out / "report.md").read()
     # the second method against the first, case by case: the constant map's AUROC is 0.5 in every case
     paired = rep["paired_vs_first"]["constant"]
