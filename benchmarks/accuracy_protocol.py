@@ -419,6 +419,50 @@ def runs_sentence(result: Dict) -> str:
     return "One training run per method" + (f", except (runs): {', '.join(more)}." if more else ".")
 
 
+ESCAPE_DICE = 0.6
+
+
+def pseudo_dice_curve(log_path: str) -> Dict[str, list]:
+    """Per epoch of an nnU-Net training log: the pseudo Dice of every foreground class (nnU-Net's online
+    estimate on validation patches) and the mean training loss."""
+    import re
+    dice, loss = [], []
+    for line in open(log_path):
+        if "Pseudo dice" in line:
+            dice.append([float(v) for v in re.findall(r"(?:np\.float32\()?([-0-9.e]+)\)?[,\]]",
+                                                      line.split("Pseudo dice", 1)[1])])
+        elif "train_loss" in line:
+            loss.append(float(line.split("train_loss", 1)[1].split()[0]))
+    return {"pseudo_dice": dice, "train_loss": loss}
+
+
+def escape_epoch(pseudo_dice: List[List[float]], threshold: float = ESCAPE_DICE):
+    """The first epoch (0-based) whose pseudo Dice is at least ``threshold`` for every foreground class: when the
+    network stops labelling both hippocampus classes as one; None if never."""
+    return next((i for i, d in enumerate(pseudo_dice) if d and min(d) >= threshold), None)
+
+
+def training_dynamics(result: Dict, out: str) -> List[Dict]:
+    """One row per training run in ``result`` whose nnU-Net log is in ``out/logs``: method, date, escape epoch,
+    the lowest class pseudo Dice per epoch, the last training loss and the run's Dice (nnU-Net's validation)."""
+    rows = []
+    for name, latest in result["methods"].items():
+        for run in [latest] + result.get("earlier_runs", {}).get(name, []):
+            date = run.get("date") or (training_start(run["trainer"], out) if run is latest else "")
+            stamp = date.replace("-", "_").replace(" ", "_").replace(":", "_").replace("_UTC", "")
+            logs = sorted(glob.glob(os.path.join(out, "logs", f"{run['trainer']}_training_log_{stamp}_*.txt")))
+            if not stamp or stamp == "unknown" or not logs:
+                continue
+            curve = pseudo_dice_curve(logs[0])
+            dice = run["modes"].get("mirror")
+            rows.append({"method": name, "date": date, "escape_epoch": escape_epoch(curve["pseudo_dice"]),
+                         "min_class_pseudo_dice": [min(d) if d else None for d in curve["pseudo_dice"]],
+                         "last_train_loss": curve["train_loss"][-1] if curve["train_loss"] else None,
+                         "dice": float(np.mean(list(dice.values()))) if dice else None,
+                         "log": os.path.basename(logs[0])})
+    return rows
+
+
 def write_tables(result: Dict, out: str) -> None:
     """accuracy.md from accuracy.json (and diagnosis.json): every number comes from those files."""
     from nnunet_diffusion.machine import describe
@@ -525,6 +569,28 @@ def write_tables(result: Dict, out: str) -> None:
                 each = ", ".join(f"{np.mean(list(run['modes'][mode].values())):.4f}" for run in runs)
                 lines.append(f"| {name} | {mode_label(methods[name]['trainer'], mode)} | {len(runs)} | {each} | "
                              f"{a:.4f} | {r:.4f} | {delta:+.4f} | {p:.2g} |")
+    dynamics = training_dynamics(result, out)
+    if dynamics:
+        lines += ["", "## Training dynamics: when each run learned to tell the two classes apart", "",
+                  f"From each run's nnU-Net training log (`logs/`): escape epoch = the first epoch (0-based) at which "
+                  f"nnU-Net's pseudo Dice of every foreground class reaches {ESCAPE_DICE} (before it, the network labels "
+                  "the hippocampus as mostly one class); the lowest class pseudo Dice per epoch; the last epoch's "
+                  "training loss; the run's validation Dice (`mirror`).", "",
+                  "| method | run | escape epoch | lowest class pseudo Dice per epoch | last train loss | Dice |",
+                  "|---|---|---|---|---|---|"]
+        for r in sorted(dynamics, key=lambda r: (r["method"] != "nnUNetTrainer", r["method"], r["date"])):
+            curve = " ".join("–" if v is None else f"{v:.2f}" for v in r["min_class_pseudo_dice"])
+            lines.append(f"| {r['method']} | {r['date']} | {'never' if r['escape_epoch'] is None else r['escape_epoch']} "
+                         f"| {curve} | {'–' if r['last_train_loss'] is None else format(r['last_train_loss'], '.3f')} | "
+                         f"{'–' if r['dice'] is None else format(r['dice'], '.4f')} |")
+        paired = [(r["escape_epoch"], r["dice"]) for r in dynamics if r["dice"] is not None]
+        if len(paired) >= 4:
+            from scipy import stats
+            never = 1 + max(len(r["min_class_pseudo_dice"]) for r in dynamics)
+            e, d = zip(*[(never if a is None else a, b) for a, b in paired])
+            rho = stats.spearmanr(e, d)
+            lines += ["", f"Spearman's rho between escape epoch (never = {never}) and Dice over these {len(paired)} "
+                          f"runs: {rho[0]:.2f} (p = {rho[1]:.2g})."]
     diag_path = os.path.join(out, "diagnosis.json")
     diag = json.load(open(diag_path)) if os.path.isfile(diag_path) else {}
     for name, latest in methods.items():

@@ -73,3 +73,34 @@ def test_per_step_table_comes_from_the_newest_run_that_has_it(result, tmp_path):
     section = text.split("## Per-step diagnosis: DiffusionTrainer_ema_12ep50it (no mirroring, training run of d1)")[1]
     assert "| x0_hat of step5 | 0.5000 |" in section.split("\n## ")[0]
     assert "0.1000" not in text
+
+
+def _log(path, epochs):
+    """An nnU-Net training log (the lines nnU-Net 2.x writes each epoch) with the given (loss, dice1, dice2)."""
+    with open(path, "w") as f:
+        for i, (loss, d1, d2) in enumerate(epochs):
+            f.write(f"2026-11-29 10:00:0{i}.000000: \n2026-11-29 10:00:0{i}.000001: Epoch {i} \n"
+                    f"2026-11-29 10:00:0{i}.000002: train_loss {loss} \n"
+                    f"2026-11-29 10:00:0{i}.000003: val_loss {loss + 0.1} \n"
+                    f"2026-11-29 10:00:0{i}.000004: Pseudo dice [np.float32({d1}), np.float32({d2})] \n")
+
+
+def test_training_dynamics_finds_when_both_classes_are_learned(result, tmp_path):
+    from accuracy_protocol import training_dynamics, write_tables
+    (tmp_path / "logs").mkdir()
+    result["methods"]["nnUNetTrainer"]["date"] = "2026-11-29 10:00 UTC"
+    result["earlier_runs"]["DiffusionTrainer_ema"][0]["date"] = "2026-11-29 11:30 UTC"
+    # stock: one class learned first (epoch 1), both at epoch 2; the diffusion run never learns the second class
+    _log(tmp_path / "logs" / "nnUNetTrainer_12ep50it_training_log_2026_11_29_10_00_05.txt",
+         [(0.2, 0.0, 0.0), (-0.1, 0.7, 0.1), (-0.5, 0.8, 0.65), (-0.7, 0.85, 0.8)])
+    _log(tmp_path / "logs" / "DiffusionTrainer_ema_12ep50it_training_log_2026_11_29_11_30_59.txt",
+         [(0.2, 0.0, 0.0), (-0.3, 0.9, 0.2), (-0.4, 0.9, 0.5)])
+    rows = {r["method"]: r for r in training_dynamics(result, str(tmp_path))}
+    assert set(rows) == {"nnUNetTrainer", "DiffusionTrainer_ema"}  # runs without a log are left out
+    assert rows["nnUNetTrainer"]["escape_epoch"] == 2
+    assert rows["nnUNetTrainer"]["min_class_pseudo_dice"] == [0.0, 0.1, 0.65, 0.8]
+    assert rows["nnUNetTrainer"]["last_train_loss"] == -0.7
+    assert rows["DiffusionTrainer_ema"]["escape_epoch"] is None
+    write_tables(result, str(tmp_path))
+    section = (tmp_path / "accuracy.md").read_text().split("## Training dynamics")[1].split("\n## ")[0]
+    assert "| DiffusionTrainer_ema | 2026-11-29 11:30 UTC | never | 0.00 0.20 0.50 | -0.400 |" in section
