@@ -20,6 +20,10 @@ batch size to ``--batch-size`` (the same plans for every trainer). For every tra
 Writes to ``-o``: ``accuracy.json`` (per-case Dice of every method and mode, the commands, machine, versions,
 budget), ``accuracy.md`` (the tables), ``diagnosis.json``, one ``compare`` report folder per pair, and the
 training logs. Rerunning skips what is done.
+
+``--repeats N --jobs J`` (a GPU): every trainer trained N times, J trainings side by side, each run in its own
+results root; step 1 only (nnU-Net's final validation), and every run recorded, so the tables compare the
+per-case mean over a method's runs with stock's (``benchmarks/gpu_accuracy.sh`` runs it on a lent GPU).
 """
 from __future__ import annotations
 
@@ -113,6 +117,70 @@ def training_start(trainer: str, out: str, before: str = "9999") -> str:
         stamps.append(f"{y}-{mo}-{d} {h}:{mi} UTC")
     stamps = sorted(x for x in stamps if x < before)
     return stamps[-1] if stamps else "unknown"
+
+
+def log_date(log_name: str) -> str:
+    """'...training_log_2026_11_29_08_53_03.txt' -> '2026-11-29 08:53 UTC'."""
+    y, mo, d, h, mi = log_name.rsplit("training_log_", 1)[1].split("_")[:5]
+    return f"{y}-{mo}-{d} {h}:{mi} UTC"
+
+
+def train_repeats(bases: List[str], epochs: int, iters: int, repeats: int, jobs: int, fold: int, device: str,
+                  out: str) -> List[Dict]:
+    """Every trainer of ``bases`` trained ``repeats`` times, up to ``jobs`` trainings side by side (a GPU), each run
+    in its own results root ``$nnUNet_results/DATASET/accuracy_repeats/runR`` (nnU-Net names a model folder by
+    trainer, so two runs of one trainer need two roots); the same plans and split for all. Resumable: a finished run
+    (final validation written) is reused, an interrupted one continues with ``--c``. Returns one dict per run, in
+    the order of ``bases`` then runs: base, run, trainer, fold_dir, command, training log (copied to ``out/logs``)."""
+    from nnunetv2.paths import nnUNet_results
+
+    from nnunet_diffusion.budget import budget_name
+    todo, runs = [], []
+    for base in bases:
+        trainer = budget_name(base, epochs, iters)
+        for r in range(1, repeats + 1):
+            root = os.path.join(str(nnUNet_results), DATASET, "accuracy_repeats", f"run{r}")
+            fold_dir = os.path.join(root, DATASET, f"{trainer}__nnUNetPlans__{CONFIG}", f"fold_{fold}")
+            cmd = [bin_("nnUNetv2_train"), DATASET_ID, CONFIG, str(fold), "-tr", trainer, "-device", device]
+            run = {"base": base, "run": r, "trainer": trainer, "fold_dir": fold_dir, "root": root,
+                   "command": f"nnUNet_results=.../accuracy_repeats/run{r} nnUNetv2_train " + " ".join(cmd[1:])}
+            runs.append(run)
+            if not os.path.isfile(os.path.join(fold_dir, "validation", "summary.json")):
+                if os.path.isfile(os.path.join(fold_dir, "checkpoint_latest.pth")):
+                    cmd.append("--c")
+                todo.append((run, cmd))
+    running, failed = [], []
+    while todo or running:
+        while todo and len(running) < jobs:
+            run, cmd = todo.pop(0)
+            env = dict(os.environ, nnUNet_results=run["root"])
+            env.setdefault("nnUNet_n_proc_DA", "0" if device == "cpu" else "3")
+            env.setdefault("nnUNet_compile", "f")
+            log = os.path.join(out, "logs", f"{run['trainer']}_run{run['run']}_train.log")
+            print(f"$ {run['command']}  (log {log})", flush=True)
+            f = open(log, "a")
+            running.append((run, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), f, log))
+            time.sleep(2)  # distinct start seconds: nnU-Net names its training log by the second it starts
+        for item in list(running):
+            run, proc, f, log = item
+            if proc.poll() is not None:
+                f.close()
+                running.remove(item)
+                print(f"{run['trainer']} run {run['run']}: exit code {proc.returncode}", flush=True)
+                if proc.returncode != 0:
+                    failed.append(log)
+        time.sleep(5)
+    if failed:
+        raise RuntimeError(f"{len(failed)} training run(s) failed; see {', '.join(failed)}")
+    for run in runs:
+        logs = sorted(glob.glob(os.path.join(run["fold_dir"], "training_log_*.txt")))
+        run["epoch_times_s"] = [float(line.rsplit(":", 1)[1].strip().split()[0]) for lg in logs
+                                for line in open(lg) if "Epoch time:" in line]
+        for lg in logs:
+            name = f"{run['trainer']}_{os.path.basename(lg)}"
+            shutil.copy(lg, os.path.join(out, "logs", name))
+        run["training_log"] = f"{run['trainer']}_{os.path.basename(logs[0])}" if logs else None
+    return runs
 
 
 def predict_unmirrored(trainer: str, fold: int, device: str, images: str, work: str, out: str,
@@ -255,6 +323,11 @@ def main(argv=None) -> int:
     ap.add_argument("--validation-only", action="store_true",
                     help="only nnU-Net's final validation (default mirroring): no unmirrored predictions or "
                          "diagnoses, e.g. for repeated training runs")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="train every trainer N times (each run its own results root), up to --jobs side by side, "
+                         "then nnU-Net's final validation only, as with --validation-only; for a GPU")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="trainings side by side (default 1); above 1 the runs go as with --repeats")
     ap.add_argument("--mirror-cases", type=int, default=0,
                     help="per-mirroring diagnosis on the first N validation cases (sorted; 0: all)")
     args = ap.parse_args(argv)
@@ -301,6 +374,15 @@ def main(argv=None) -> int:
                 json.dump(old, f, indent=1)
         # the tables' header (command, date) describes the runs in accuracy.json, not this diagnosis
         write_tables(json.load(open(result_path)) if os.path.isfile(result_path) else result, out)
+        print(open(os.path.join(out, "accuracy.md")).read())
+        return 0
+    if args.repeats > 1 or args.jobs > 1:
+        record_repeats(result, train_repeats(args.trainers, epochs, iters, args.repeats, max(1, args.jobs),
+                                             args.fold, args.device, out), gt,
+                       "python benchmarks/accuracy_protocol.py " + " ".join(argv or sys.argv[1:]))
+        with open(result_path, "w") as f:
+            json.dump(result, f, indent=1)
+        write_tables(result, out)
         print(open(os.path.join(out, "accuracy.md")).read())
         return 0
     for base in args.trainers:
@@ -371,6 +453,34 @@ def main(argv=None) -> int:
     return 0
 
 
+def record_repeats(result: Dict, runs: List[Dict], gt: str, command: str) -> None:
+    """Add the runs of :func:`train_repeats` to ``result``: per trainer, its newest run becomes ``methods[base]``
+    and every other run (and a run recorded before) goes to ``earlier_runs[base]``; a run already recorded (same
+    training log) is not added twice."""
+    from nnunet_diffusion.evaluation import evaluate_folders
+    earlier = result.setdefault("earlier_runs", {})
+    for base in dict.fromkeys(r["base"] for r in runs):
+        known = [result["methods"].get(base)] + earlier.get(base, [])
+        seen = {e.get("training", {}).get("log") for e in known if e}
+        entries = []
+        for run in (r for r in runs if r["base"] == base and r["training_log"] not in seen):
+            ev = evaluate_folders(gt, os.path.join(run["fold_dir"], "validation"))
+            entries.append({"trainer": run["trainer"], "run": run["run"], "protocol_command": command,
+                            "training": {"command": run["command"], "fold_dir": run["fold_dir"],
+                                         "epoch_times_s": run["epoch_times_s"],
+                                         "training_s": round(sum(run["epoch_times_s"]), 1),
+                                         "log": run["training_log"]},
+                            "modes": {"mirror": {c: v["case"]["dice"] for c, v in ev["cases"].items()}},
+                            "date": log_date(run["training_log"]) if run["training_log"] else "unknown"})
+        if not entries:
+            continue
+        if result["methods"].get(base) is not None:
+            earlier.setdefault(base, []).append(result["methods"][base])
+        entries.sort(key=lambda e: e["date"])
+        earlier.setdefault(base, []).extend(entries[:-1])
+        result["methods"][base] = entries[-1]
+
+
 # the reference configurations candidates are compared with, in accuracy.md
 REFERENCES = [
     ("DiffusionTrainer_paper", "the paper's configuration",
@@ -413,6 +523,11 @@ def run_mean(result: Dict, name: str) -> Dict[str, Dict[str, float]]:
     return means
 
 
+def run_label(entry: Dict, default: str = "earlier") -> str:
+    """A training run's name in the tables: its start, and its number when --repeats trained it."""
+    return entry.get("date", default) + (f" (run {entry['run']})" if "run" in entry else "")
+
+
 def runs_sentence(result: Dict) -> str:
     """How many training runs the tables cover, per method."""
     more = [f"{name} {1 + len(r)}" for name, r in result.get("earlier_runs", {}).items() if r]
@@ -451,11 +566,13 @@ def training_dynamics(result: Dict, out: str) -> List[Dict]:
             date = run.get("date") or (training_start(run["trainer"], out) if run is latest else "")
             stamp = date.replace("-", "_").replace(" ", "_").replace(":", "_").replace("_UTC", "")
             logs = sorted(glob.glob(os.path.join(out, "logs", f"{run['trainer']}_training_log_{stamp}_*.txt")))
+            if run.get("training", {}).get("log"):
+                logs = [p for p in [os.path.join(out, "logs", run["training"]["log"])] if os.path.isfile(p)]
             if not stamp or stamp == "unknown" or not logs:
                 continue
             curve = pseudo_dice_curve(logs[0])
             dice = run["modes"].get("mirror")
-            rows.append({"method": name, "date": date, "escape_epoch": escape_epoch(curve["pseudo_dice"]),
+            rows.append({"method": name, "date": run_label(dict(run, date=date)), "escape_epoch": escape_epoch(curve["pseudo_dice"]),
                          "min_class_pseudo_dice": [min(d) if d else None for d in curve["pseudo_dice"]],
                          "last_train_loss": curve["train_loss"][-1] if curve["train_loss"] else None,
                          "dice": float(np.mean(list(dice.values()))) if dice else None,
@@ -521,11 +638,11 @@ def write_tables(result: Dict, out: str) -> None:
                     if ref:
                         _, _, delta, p = _paired(dice, ref)
                         cells = [f"{delta:+.4f}", f"{p:.2g}"]
-                    lines.append(f"| {name} | {run.get('date', 'earlier')} | {mode} | "
+                    lines.append(f"| {name} | {run_label(run)} | {mode} | "
                                  f"{np.mean(list(dice.values())):.4f} | {cells[0]} | {cells[1]} |")
     stock_runs = ([stock] + earlier.get("nnUNetTrainer", [])) if stock else []
     if len(stock_runs) > 1:
-        dates = [stock.get("date", "latest")] + [r.get("date", "earlier") for r in stock_runs[1:]]
+        dates = [run_label(stock, "latest")] + [run_label(r) for r in stock_runs[1:]]
         lines += ["", "## Against every stock run and their mean", "",
                   f"Stock was trained {len(stock_runs)} times ({', '.join(dates)}); its runs differ from each other "
                   "(table above), so a paired test against one run understates the training noise. Δ (p): the method "
@@ -584,7 +701,7 @@ def write_tables(result: Dict, out: str) -> None:
                          f"| {curve} | {'–' if r['last_train_loss'] is None else format(r['last_train_loss'], '.3f')} | "
                          f"{'–' if r['dice'] is None else format(r['dice'], '.4f')} |")
         paired = [(r["escape_epoch"], r["dice"]) for r in dynamics if r["dice"] is not None]
-        if len(paired) >= 4:
+        if len(paired) >= 4 and len({a for a, _ in paired}) > 1:
             from scipy import stats
             never = 1 + max(len(r["min_class_pseudo_dice"]) for r in dynamics)
             e, d = zip(*[(never if a is None else a, b) for a, b in paired])

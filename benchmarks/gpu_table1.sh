@@ -19,26 +19,7 @@ DATASET_ID=${DATASET_ID:-4}
 DATA_TAR=${DATA_TAR:-.gpu/hip.tar.xz}
 SECONDS_LIMIT=${SECONDS_LIMIT:-480}
 WORK=${WORK:-/tmp/gpu_table1}
-mkdir -p "$OUT" "$WORK"
-exec > >(tee -a "$OUT/log.txt") 2>&1
-
-elapsed() { echo $(( $(date +%s) - T0 )); }
-PY=${PYTHON:-python3}
-export PATH="$($PY -c 'import os,sys; print(os.path.dirname(sys.executable))'):$PATH"
-if ! $PY -c "import nnunetv2, SimpleITK" 2>/dev/null; then
-  echo "[$(elapsed) s] installing wheels"
-  $PY -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || exit 1
-  SITE=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  tar -xJf .whl/sitk.tar.xz -C "$SITE" || exit 1
-fi
-# this checkout, used in place (nnUNetv2_train runs outside it, so a path, not the current folder)
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" nnUNet_extTrainer="$PWD/trainers"
-$PY - <<'EOF'
-import torch, nnunetv2, importlib.metadata as md
-print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
-      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-", "nnunetv2", md.version("nnunetv2"))
-EOF
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+source benchmarks/gpu_common.sh
 
 export nnUNet_raw=$WORK/raw nnUNet_preprocessed=$WORK/preprocessed nnUNet_results=$WORK/results
 export nnUNet_compile=${nnUNet_compile:-f} nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-3}

@@ -104,3 +104,38 @@ def test_training_dynamics_finds_when_both_classes_are_learned(result, tmp_path)
     write_tables(result, str(tmp_path))
     section = (tmp_path / "accuracy.md").read_text().split("## Training dynamics")[1].split("\n## ")[0]
     assert "| DiffusionTrainer_ema | 2026-11-29 11:30 UTC | never | 0.00 0.20 0.50 | -0.400 |" in section
+
+
+def test_repeated_runs_are_recorded_once_newest_first(result, tmp_path):
+    """--repeats: every run of a trainer is kept (the newest in methods, the others in earlier_runs), a run
+    recorded before moves to earlier_runs, and recording the same runs again adds nothing."""
+    import SimpleITK as sitk
+    from accuracy_protocol import record_repeats
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    ref = np.zeros((4, 8, 8), np.uint8)
+    ref[1:3, 2:6, 2:4] = 1
+    ref[1:3, 2:6, 4:6] = 2
+    sitk.WriteImage(sitk.GetImageFromArray(ref), str(gt / "c0.nii.gz"))
+    runs = []
+    for r, wrong in ((1, 0), (2, 4)):  # run 2 labels 4 voxels of class 1 as class 2
+        fold_dir = tmp_path / f"run{r}" / "fold_0"
+        (fold_dir / "validation").mkdir(parents=True)
+        pred = ref.copy()
+        pred[1, 2:2 + wrong, 2] = 2
+        sitk.WriteImage(sitk.GetImageFromArray(pred), str(fold_dir / "validation" / "c0.nii.gz"))
+        runs.append({"base": "DiffusionTrainer_ema", "run": r, "trainer": "DiffusionTrainer_ema_12ep50it",
+                     "fold_dir": str(fold_dir), "command": "c", "epoch_times_s": [1.0, 2.0],
+                     "training_log": f"DiffusionTrainer_ema_12ep50it_training_log_2026_12_01_10_0{r}_00.txt"})
+    before = result["methods"]["DiffusionTrainer_ema"]
+    n_earlier = len(result["earlier_runs"]["DiffusionTrainer_ema"])
+    record_repeats(result, runs, str(gt), "cmd")
+    latest = result["methods"]["DiffusionTrainer_ema"]
+    assert latest["run"] == 2 and latest["date"] == "2026-12-01 10:02 UTC"
+    assert latest["modes"]["mirror"]["c0"] < 1.0 and latest["training"]["training_s"] == 3.0
+    earlier = result["earlier_runs"]["DiffusionTrainer_ema"]
+    assert len(earlier) == n_earlier + 2 and before in earlier
+    assert earlier[-1]["run"] == 1 and earlier[-1]["modes"]["mirror"]["c0"] == 1.0
+    record_repeats(result, runs, str(gt), "cmd")  # a resumed invocation: nothing new
+    assert len(result["earlier_runs"]["DiffusionTrainer_ema"]) == n_earlier + 2
+    assert result["methods"]["DiffusionTrainer_ema"] is latest

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The accuracy issue's GPU comparison in one command: stock nnU-Net and the diffusion trainer(s), each trained
+# several times at one equal, longer budget, side by side on one GPU, then compared through the per-case mean over
+# each method's runs (benchmarks/accuracy_protocol.py --repeats).
+#
+#   OUT=/some/dir bash benchmarks/gpu_accuracy.sh
+#
+# Settings (environment): BUDGET (EPOCHSxITERATIONS, default 30x100), REPEATS (runs per trainer, default 3),
+# TRAINERS (default "nnUNetTrainer DiffusionTrainer"), JOBS (trainings side by side, default: all), BATCH (default
+# 2, the CPU study's), DEVICE (default cuda), nnUNet_n_proc_DA (default 2 per training).
+# Data: DATA_DIR (a Dataset004_Hippocampus folder, linked) or DATA_TAR (default .gpu/hip.tar.xz: the dataset with
+# its .nii.gz files unpacked to .nii, which xz packs smaller; prepared beside the checkout, not tracked).
+# Python: nnunetv2 must import, or .whl/ beside the checkout holds its wheels (benchmarks/gpu_common.sh).
+# Sizing (H200, 16 cores; from the Table 1 run, four trainings side by side): about 0.03 s (stock) and 0.05 s
+# (diffusion) per iteration at batch 2 in 3d_fullres, plus 1-3 minutes of start-up and final validation per run:
+# 6 runs of 30x100 should take 5-7 minutes after planning; check the log's timings before raising the budget.
+# Writes to $OUT: accuracy.md, accuracy.json, log.txt and runs.tar.gz (training logs, plans, split).
+set -uo pipefail
+T0=$(date +%s)
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_accuracy_out}
+DEVICE=${DEVICE:-cuda}
+BUDGET=${BUDGET:-30x100}
+REPEATS=${REPEATS:-3}
+TRAINERS=${TRAINERS:-"nnUNetTrainer DiffusionTrainer"}
+BATCH=${BATCH:-2}
+WORK=${WORK:-/tmp/gpu_accuracy}
+source benchmarks/gpu_common.sh
+
+export nnUNet_raw=$WORK/raw nnUNet_preprocessed=$WORK/preprocessed nnUNet_results=$WORK/results
+export nnUNet_compile=${nnUNet_compile:-f}
+mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
+if [ ! -e "$nnUNet_raw/Dataset004_Hippocampus" ]; then
+  if [ -n "${DATA_DIR:-}" ]; then
+    ln -s "$(realpath "$DATA_DIR")" "$nnUNet_raw/Dataset004_Hippocampus"
+  else
+    echo "[$(elapsed) s] unpacking ${DATA_TAR:=.gpu/hip.tar.xz}"
+    tar -xJf "$DATA_TAR" -C "$nnUNet_raw" || exit 1
+    find "$nnUNet_raw" -name '*.nii' -print0 | xargs -0 -r -P "$(nproc)" -n 16 gzip -1
+  fi
+fi
+if [ ! -d "$nnUNet_preprocessed/Dataset004_Hippocampus/nnUNetPlans_3d_fullres" ]; then
+  echo "[$(elapsed) s] planning and preprocessing 3d_fullres"
+  NP=$(( $(nproc) > 8 ? 8 : $(nproc) ))
+  nnUNetv2_plan_and_preprocess -d 4 -c 3d_fullres -np "$NP" > "$WORK/plan.log" 2>&1 || { tail -30 "$WORK/plan.log"; exit 1; }
+fi
+# the CPU study's split (the same 42 validation cases of fold 0); SPLIT overrides it
+SPLIT=${SPLIT:-results/Dataset004_Hippocampus/accuracy_cpu_12x50/splits_final.json}
+[ -f "$SPLIT" ] && cp "$SPLIT" "$nnUNet_preprocessed/Dataset004_Hippocampus/splits_final.json"
+
+set -- $TRAINERS
+JOBS=${JOBS:-$(( $# * REPEATS ))}
+# share the cores between the trainings side by side
+export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-$(( $(nproc) / JOBS > 1 ? $(nproc) / JOBS : 1 ))}
+echo "[$(elapsed) s] $TRAINERS, $REPEATS runs each at $BUDGET (batch $BATCH), $JOBS side by side, nnUNet_n_proc_DA=$nnUNet_n_proc_DA"
+$PY benchmarks/accuracy_protocol.py -o "$WORK/accuracy" --budget "$BUDGET" --batch-size "$BATCH" -device "$DEVICE" \
+  --trainers $TRAINERS --repeats "$REPEATS" --jobs "$JOBS"
+RC=$?
+echo "[$(elapsed) s] protocol exit code $RC"
+cp "$WORK"/accuracy/accuracy.md "$WORK"/accuracy/accuracy.json "$OUT"/ 2>/dev/null
+(cd "$WORK" && tar -czf "$OUT/runs.tar.gz" accuracy/logs accuracy/nnUNetPlans.json accuracy/splits_final.json \
+  $(ls -d results/*/accuracy_repeats/run*/*/*/fold_*/{progress.png,validation/summary.json} 2>/dev/null)) 2>/dev/null
+echo "[$(elapsed) s] results in $OUT"
+exit $RC
