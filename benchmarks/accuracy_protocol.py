@@ -572,7 +572,8 @@ def training_dynamics(result: Dict, out: str) -> List[Dict]:
                 continue
             curve = pseudo_dice_curve(logs[0])
             dice = run["modes"].get("mirror")
-            rows.append({"method": name, "date": run_label(dict(run, date=date)), "escape_epoch": escape_epoch(curve["pseudo_dice"]),
+            rows.append({"method": name, "date": run_label(dict(run, date=date)),
+                         "escape_epoch": escape_epoch(curve["pseudo_dice"]),
                          "min_class_pseudo_dice": [min(d) if d else None for d in curve["pseudo_dice"]],
                          "last_train_loss": curve["train_loss"][-1] if curve["train_loss"] else None,
                          "dice": float(np.mean(list(dice.values()))) if dice else None,
