@@ -99,30 +99,35 @@ def train(trainer: str, fold: int, device: str, out: str) -> Dict:
         env.setdefault("nnUNet_n_proc_DA", "0" if device == "cpu" else "8")
         env.setdefault("nnUNet_compile", "f")
         sh(cmd, os.path.join(out, "logs", f"{trainer}_train.log"), env)
-    logs = sorted(glob.glob(os.path.join(fold_dir, "training_log_*.txt")))
-    epoch_times = [float(line.rsplit(":", 1)[1].strip().split()[0]) for lg in logs for line in open(lg)
-                   if "Epoch time:" in line]
-    for lg in logs:
-        shutil.copy(lg, os.path.join(out, "logs", f"{trainer}_{os.path.basename(lg)}"))
+    epoch_times, _ = copy_training_logs(fold_dir, trainer, out)
     return {"command": "nnUNetv2_train " + " ".join(cmd[1:]), "fold_dir": fold_dir,
             "epoch_times_s": epoch_times, "training_s": round(sum(epoch_times), 1)}
 
 
-def training_start(trainer: str, out: str, before: str = "9999") -> str:
-    """When a run of ``trainer`` started, from the newest nnU-Net training log copied to ``out/logs`` whose time
-    is earlier than ``before`` (the logs are named training_log_YYYY_MM_DD_HH_MM_SS.txt)."""
-    stamps = []
-    for lg in glob.glob(os.path.join(out, "logs", f"{trainer}_training_log_*.txt")):
-        y, mo, d, h, mi = os.path.basename(lg)[len(trainer) + 14:].split("_")[:5]
-        stamps.append(f"{y}-{mo}-{d} {h}:{mi} UTC")
-    stamps = sorted(x for x in stamps if x < before)
-    return stamps[-1] if stamps else "unknown"
+def copy_training_logs(fold_dir: str, trainer: str, out: str):
+    """A run's nnU-Net training logs copied to ``out/logs`` as ``TRAINER_training_log_...txt``; returns the
+    seconds of every epoch they record and the copied names (oldest first)."""
+    logs = sorted(glob.glob(os.path.join(fold_dir, "training_log_*.txt")))
+    epoch_times = [float(line.rsplit(":", 1)[1].strip().split()[0]) for lg in logs for line in open(lg)
+                   if "Epoch time:" in line]
+    names = [f"{trainer}_{os.path.basename(lg)}" for lg in logs]
+    for lg, name in zip(logs, names):
+        shutil.copy(lg, os.path.join(out, "logs", name))
+    return epoch_times, names
 
 
 def log_date(log_name: str) -> str:
     """'...training_log_2026_11_29_08_53_03.txt' -> '2026-11-29 08:53 UTC'."""
     y, mo, d, h, mi = log_name.rsplit("training_log_", 1)[1].split("_")[:5]
     return f"{y}-{mo}-{d} {h}:{mi} UTC"
+
+
+def training_start(trainer: str, out: str, before: str = "9999") -> str:
+    """When a run of ``trainer`` started, from the newest nnU-Net training log copied to ``out/logs`` whose time
+    is earlier than ``before`` (the logs are named training_log_YYYY_MM_DD_HH_MM_SS.txt)."""
+    stamps = sorted(x for x in (log_date(os.path.basename(lg)) for lg in
+                                glob.glob(os.path.join(out, "logs", f"{trainer}_training_log_*.txt"))) if x < before)
+    return stamps[-1] if stamps else "unknown"
 
 
 def train_repeats(bases: List[str], epochs: int, iters: int, repeats: int, jobs: int, fold: int, device: str,
@@ -173,13 +178,8 @@ def train_repeats(bases: List[str], epochs: int, iters: int, repeats: int, jobs:
     if failed:
         raise RuntimeError(f"{len(failed)} training run(s) failed; see {', '.join(failed)}")
     for run in runs:
-        logs = sorted(glob.glob(os.path.join(run["fold_dir"], "training_log_*.txt")))
-        run["epoch_times_s"] = [float(line.rsplit(":", 1)[1].strip().split()[0]) for lg in logs
-                                for line in open(lg) if "Epoch time:" in line]
-        for lg in logs:
-            name = f"{run['trainer']}_{os.path.basename(lg)}"
-            shutil.copy(lg, os.path.join(out, "logs", name))
-        run["training_log"] = f"{run['trainer']}_{os.path.basename(logs[0])}" if logs else None
+        run["epoch_times_s"], names = copy_training_logs(run["fold_dir"], run["trainer"], out)
+        run["training_log"] = names[0] if names else None
     return runs
 
 
@@ -642,6 +642,7 @@ def write_tables(result: Dict, out: str) -> None:
                     lines.append(f"| {name} | {run_label(run)} | {mode} | "
                                  f"{np.mean(list(dice.values())):.4f} | {cells[0]} | {cells[1]} |")
     stock_runs = ([stock] + earlier.get("nnUNetTrainer", [])) if stock else []
+    stock_mean = run_mean(result, "nnUNetTrainer") if len(stock_runs) > 1 else {}
     if len(stock_runs) > 1:
         dates = [run_label(stock, "latest")] + [run_label(r) for r in stock_runs[1:]]
         lines += ["", "## Against every stock run and their mean", "",
@@ -659,17 +660,14 @@ def write_tables(result: Dict, out: str) -> None:
                 refs = [r["modes"].get(ref_mode) for r in stock_runs]
                 if any(r is None for r in refs):
                     continue
-                common = sorted(set(dice).intersection(*refs))
-                mean_ref = {c: float(np.mean([r[c] for r in refs])) for c in common}
                 cells = []
-                for r in refs + [mean_ref]:
+                for r in refs + [stock_mean[ref_mode]]:
                     _, _, delta, p = _paired(dice, r)
                     cells.append(f"{delta:+.4f} ({p:.2g})")
                 lines.append(f"| {name} | {mode_label(e['trainer'], mode)} | {np.mean(list(dice.values())):.4f} | "
                              + " | ".join(cells) + " |")
     repeated = [name for name in methods if name != "nnUNetTrainer" and earlier.get(name)]
     if repeated and len(stock_runs) > 1:
-        stock_mean = run_mean(result, "nnUNetTrainer")
         lines += ["", "## Over all training runs: per-case mean Dice over a method's runs against stock's", "",
                   f"For each method trained more than once: the Dice of each run, and the per-case mean over its runs "
                   f"against the per-case mean over the {len(stock_runs)} stock runs, same mirroring mode (stock `off` "
