@@ -65,15 +65,20 @@ def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
     return {"dice": dice, "nsd": nsd, "hd95": hd95, "cd": float(np.linalg.norm(c_pred - c_ref))}
 
 
+def scored_labels(pred: np.ndarray, ref: Optional[np.ndarray], labels: Sequence[int]) -> List[int]:
+    """The labels a case's score averages over: those the reference contains, else (an empty reference) those
+    the prediction contains; none when neither contains any."""
+    present = [c for c in labels if ref is not None and (ref == c).any()]
+    return present or [c for c in labels if (pred == c).any()]
+
+
 def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], labels: Sequence[int],
                  tolerance_mm: float = 1.0) -> Dict:
     """Per-class metrics and the case score (mean over the classes present, module docstring)."""
     per_class: Dict[str, Optional[Dict[str, float]]] = {}
     for c in labels:
         per_class[str(c)] = binary_metrics(pred == c, ref == c, spacing, tolerance_mm)
-    present = [str(c) for c in labels if (ref == c).any()]
-    if not present:
-        present = [str(c) for c in labels if (pred == c).any()]
+    present = [str(c) for c in scored_labels(pred, ref, labels)]
     if present:
         score = {m: float(np.mean([per_class[c][m] for c in present])) for m in METRICS}
     else:

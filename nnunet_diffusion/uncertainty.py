@@ -119,7 +119,8 @@ def expected_dice(probabilities: np.ndarray, pred: np.ndarray, labels: Sequence[
     if probabilities.shape[0] <= max(labels):
         raise ValueError(f"probabilities have {probabilities.shape[0]} channels; label {max(labels)} needs "
                          f"channel {max(labels)}")
-    scored = [l for l in labels if ref is not None and (ref == l).any()] or [l for l in labels if (pred == l).any()]
+    from nnunet_diffusion.evaluation import scored_labels
+    scored = scored_labels(pred, ref, labels)
     if not scored:
         return 1.0
     values = []
