@@ -7,7 +7,9 @@
 #
 # Settings (environment): BUDGET (EPOCHSxITERATIONS, default 30x100), REPEATS (runs per trainer, default 3),
 # TRAINERS (default "nnUNetTrainer DiffusionTrainer"), JOBS (trainings side by side, default: all), BATCH (default
-# 2, the CPU study's), DEVICE (default cuda), nnUNet_n_proc_DA (default 2 per training).
+# 2, the CPU study's), DEVICE (default cuda), nnUNet_n_proc_DA (default: the cores shared by the trainings side by
+# side), DEADLINE (seconds after the start; default 0, none): at DEADLINE the protocol is interrupted and what the
+# runs wrote so far (training logs with their per-epoch pseudo Dice) is still packed into $OUT.
 # Data: DATA_DIR (a Dataset004_Hippocampus folder, linked) or DATA_TAR (default .gpu/hip.tar.xz: the dataset with
 # its .nii.gz files unpacked to .nii, which xz packs smaller; prepared beside the checkout, not tracked).
 # Python: nnunetv2 must import, or .whl/ beside the checkout holds its wheels (benchmarks/gpu_common.sh).
@@ -53,12 +55,16 @@ JOBS=${JOBS:-$(( $# * REPEATS ))}
 # share the cores between the trainings side by side
 export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-$(( $(nproc) / JOBS > 1 ? $(nproc) / JOBS : 1 ))}
 echo "[$(elapsed) s] $TRAINERS, $REPEATS runs each at $BUDGET (batch $BATCH), $JOBS side by side, nnUNet_n_proc_DA=$nnUNet_n_proc_DA"
-$PY benchmarks/accuracy_protocol.py -o "$WORK/accuracy" --budget "$BUDGET" --batch-size "$BATCH" -device "$DEVICE" \
+DEADLINE=${DEADLINE:-0}
+LIMIT=()
+[ "$DEADLINE" -gt 0 ] && LIMIT=(timeout -s INT -k 20 $(( DEADLINE - $(elapsed) )))
+"${LIMIT[@]}" $PY benchmarks/accuracy_protocol.py -o "$WORK/accuracy" --budget "$BUDGET" --batch-size "$BATCH" -device "$DEVICE" \
   --trainers $TRAINERS --repeats "$REPEATS" --jobs "$JOBS"
 RC=$?
 echo "[$(elapsed) s] protocol exit code $RC"
 cp "$WORK"/accuracy/accuracy.md "$WORK"/accuracy/accuracy.json "$OUT"/ 2>/dev/null
 (cd "$WORK" && tar -czf "$OUT/runs.tar.gz" accuracy/logs accuracy/nnUNetPlans.json accuracy/splits_final.json \
-  $(ls -d results/*/accuracy_repeats/run*/*/*/fold_*/{progress.png,validation/summary.json} 2>/dev/null)) 2>/dev/null
+  $(ls -d results/*/accuracy_repeats/run*/*/*/fold_*/{progress.png,training_log_*.txt,validation/summary.json} \
+  2>/dev/null)) 2>/dev/null
 echo "[$(elapsed) s] results in $OUT"
 exit $RC

@@ -1,6 +1,7 @@
 # Sourced by the GPU scripts (gpu_table1.sh, gpu_accuracy.sh) from the checkout's root, with T0, OUT and WORK set:
 # logs everything to $OUT/log.txt, defines elapsed and PY, installs the carried wheels when nnunetv2 does not
-# import (.whl/*.whl plus .whl/sitk.tar.xz: SimpleITK's wheel contents, xz-compressed to fit the transfer limit),
+# import (.whl/*.whl, plus .whl/*.tar.xz: wheels' contents unpacked into site-packages, xz-compressed to fit the
+# transfer limit, e.g. sitk.tar.xz for SimpleITK and site.tar.xz for nnunetv2's other dependencies),
 # puts this checkout on PYTHONPATH with its trainers, and prints the machine's torch, GPU and nnunetv2.
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -10,7 +11,8 @@ export PATH="$($PY -c 'import os,sys; print(os.path.dirname(sys.executable))'):$
 if ! $PY -c "import nnunetv2, SimpleITK" 2>/dev/null; then
   echo "[$(elapsed) s] installing wheels"
   $PY -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || exit 1
-  tar -xJf .whl/sitk.tar.xz -C "$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || exit 1
+  SITE=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  for t in .whl/*.tar.xz; do [ -e "$t" ] && { tar -xJf "$t" -C "$SITE" || exit 1; }; done
 fi
 # this checkout, used in place (nnUNetv2_train runs outside it, so a path, not the current folder)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" nnUNet_extTrainer="$PWD/trainers"
