@@ -104,13 +104,15 @@ def train(trainer: str, fold: int, device: str, out: str) -> Dict:
             "epoch_times_s": epoch_times, "training_s": round(sum(epoch_times), 1)}
 
 
-def copy_training_logs(fold_dir: str, trainer: str, out: str):
-    """A run's nnU-Net training logs copied to ``out/logs`` as ``TRAINER_training_log_...txt``; returns the
-    seconds of every epoch they record and the copied names (oldest first)."""
+def copy_training_logs(fold_dir: str, trainer: str, out: str, run: int = 0):
+    """A run's nnU-Net training logs copied to ``out/logs`` as ``TRAINER_training_log_...txt`` (``run`` > 0:
+    ``TRAINER_runR_training_log_...txt``, since runs side by side can start in the same second, which is all
+    nnU-Net's log name tells apart); returns the seconds of every epoch they record and the copied names (oldest
+    first)."""
     logs = sorted(glob.glob(os.path.join(fold_dir, "training_log_*.txt")))
     epoch_times = [float(line.rsplit(":", 1)[1].strip().split()[0]) for lg in logs for line in open(lg)
                    if "Epoch time:" in line]
-    names = [f"{trainer}_{os.path.basename(lg)}" for lg in logs]
+    names = [f"{trainer}{f'_run{run}' if run else ''}_{os.path.basename(lg)}" for lg in logs]
     for lg, name in zip(logs, names):
         shutil.copy(lg, os.path.join(out, "logs", name))
     return epoch_times, names
@@ -131,7 +133,7 @@ def training_start(trainer: str, out: str, before: str = "9999") -> str:
 
 
 def train_repeats(bases: List[str], epochs: int, iters: int, repeats: int, jobs: int, fold: int, device: str,
-                  out: str) -> List[Dict]:
+                  out: str, train: bool = True) -> List[Dict]:
     """Every trainer of ``bases`` trained ``repeats`` times, up to ``jobs`` trainings side by side (a GPU), each run
     in its own results root ``$nnUNet_results/DATASET/accuracy_repeats/runR`` (nnU-Net names a model folder by
     trainer, so two runs of one trainer need two roots); the same plans and split for all. Resumable: a finished run
@@ -154,6 +156,8 @@ def train_repeats(bases: List[str], epochs: int, iters: int, repeats: int, jobs:
                 if os.path.isfile(os.path.join(fold_dir, "checkpoint_latest.pth")):
                     cmd.append("--c")
                 todo.append((run, cmd))
+    if todo and not train:
+        raise RuntimeError("not trained (or not finished): " + ", ".join(r["fold_dir"] for r, _ in todo))
     running, failed = [], []
     while todo or running:
         while todo and len(running) < jobs:
@@ -178,7 +182,7 @@ def train_repeats(bases: List[str], epochs: int, iters: int, repeats: int, jobs:
     if failed:
         raise RuntimeError(f"{len(failed)} training run(s) failed; see {', '.join(failed)}")
     for run in runs:
-        run["epoch_times_s"], names = copy_training_logs(run["fold_dir"], run["trainer"], out)
+        run["epoch_times_s"], names = copy_training_logs(run["fold_dir"], run["trainer"], out, run["run"])
         run["training_log"] = names[0] if names else None
     return runs
 
@@ -328,6 +332,10 @@ def main(argv=None) -> int:
                          "then nnU-Net's final validation only, as with --validation-only; for a GPU")
     ap.add_argument("--jobs", type=int, default=1,
                     help="trainings side by side (default 1); above 1 the runs go as with --repeats")
+    ap.add_argument("--machine-from", metavar="ACCURACY_JSON",
+                    help="record the machine (and device) of this accuracy.json, written where the trainings ran, "
+                         "instead of this one's: for runs trained elsewhere and recorded here from their files "
+                         "(with --repeats; every run must have finished)")
     ap.add_argument("--mirror-cases", type=int, default=0,
                     help="per-mirroring diagnosis on the first N validation cases (sorted; 0: all)")
     args = ap.parse_args(argv)
@@ -355,7 +363,8 @@ def main(argv=None) -> int:
     result = json.load(open(result_path)) if os.path.isfile(result_path) else {}
     result.update({"dataset": DATASET, "configuration": CONFIG, "fold": args.fold, "num_cases": len(cases),
                    "budget": {"epochs": epochs, "iterations": iters, "batch_size": args.batch_size},
-                   "device": args.device, "machine": machine_info(args.device),
+                   "device": args.device, "machine": machine_info(args.device) if not args.machine_from else
+                   json.load(open(args.machine_from))["machine"],
                    "command": "python benchmarks/accuracy_protocol.py " + " ".join(argv or sys.argv[1:])})
     result.setdefault("methods", {})
     diagnosis = {}
@@ -377,9 +386,11 @@ def main(argv=None) -> int:
         print(open(os.path.join(out, "accuracy.md")).read())
         return 0
     if args.repeats > 1 or args.jobs > 1:
-        record_repeats(result, train_repeats(args.trainers, epochs, iters, args.repeats, max(1, args.jobs),
-                                             args.fold, args.device, out), gt,
-                       "python benchmarks/accuracy_protocol.py " + " ".join(argv or sys.argv[1:]))
+        runs = train_repeats(args.trainers, epochs, iters, args.repeats, max(1, args.jobs), args.fold, args.device,
+                             out, train=not args.machine_from)
+        record_repeats(result, runs, gt, "python benchmarks/accuracy_protocol.py " + " ".join(argv or sys.argv[1:]))
+        if args.machine_from:  # the date the runs started, not the other file's
+            result["machine"]["date_utc"] = min(log_date(r["training_log"]) for r in runs)[:-len(" UTC")]
         with open(result_path, "w") as f:
             json.dump(result, f, indent=1)
         write_tables(result, out)
@@ -453,24 +464,41 @@ def main(argv=None) -> int:
     return 0
 
 
+def validation_dice(folder: str, gt: str) -> Dict[str, float]:
+    """Mean foreground Dice per case of nnU-Net's final validation in ``folder``: scored from its segmentations,
+    or, where only nnU-Net's ``summary.json`` came back (a GPU run's files, without the predictions), read from
+    it (nnU-Net's per-label Dice, averaged over the labels: the same number, see tests)."""
+    from nnunet_diffusion.evaluation import evaluate_folders
+    if glob.glob(os.path.join(folder, "*.nii.gz")):
+        ev = evaluate_folders(gt, folder)
+        return {c: v["case"]["dice"] for c, v in ev["cases"].items()}
+    summary = os.path.join(folder, "summary.json")
+    if not os.path.isfile(summary):
+        raise FileNotFoundError(f"no segmentations and no summary.json in {folder}")
+    dice = {}
+    for entry in json.load(open(summary))["metric_per_case"]:
+        case = os.path.basename(entry["prediction_file"])
+        case = case[:-len(".nii.gz")] if case.endswith(".nii.gz") else os.path.splitext(case)[0]
+        dice[case] = float(np.mean([m["Dice"] for m in entry["metrics"].values()]))
+    return dice
+
+
 def record_repeats(result: Dict, runs: List[Dict], gt: str, command: str) -> None:
     """Add the runs of :func:`train_repeats` to ``result``: per trainer, its newest run becomes ``methods[base]``
     and every other run (and a run recorded before) goes to ``earlier_runs[base]``; a run already recorded (same
     training log) is not added twice."""
-    from nnunet_diffusion.evaluation import evaluate_folders
     earlier = result.setdefault("earlier_runs", {})
     for base in dict.fromkeys(r["base"] for r in runs):
         known = [result["methods"].get(base)] + earlier.get(base, [])
         seen = {e.get("training", {}).get("log") for e in known if e}
         entries = []
         for run in (r for r in runs if r["base"] == base and r["training_log"] not in seen):
-            ev = evaluate_folders(gt, os.path.join(run["fold_dir"], "validation"))
             entries.append({"trainer": run["trainer"], "run": run["run"], "protocol_command": command,
                             "training": {"command": run["command"], "fold_dir": run["fold_dir"],
                                          "epoch_times_s": run["epoch_times_s"],
                                          "training_s": round(sum(run["epoch_times_s"]), 1),
                                          "log": run["training_log"]},
-                            "modes": {"mirror": {c: v["case"]["dice"] for c, v in ev["cases"].items()}},
+                            "modes": {"mirror": validation_dice(os.path.join(run["fold_dir"], "validation"), gt)},
                             "date": log_date(run["training_log"]) if run["training_log"] else "unknown"})
         if not entries:
             continue

@@ -139,3 +139,74 @@ def test_repeated_runs_are_recorded_once_newest_first(result, tmp_path):
     record_repeats(result, runs, str(gt), "cmd")  # a resumed invocation: nothing new
     assert len(result["earlier_runs"]["DiffusionTrainer_ema"]) == n_earlier + 2
     assert result["methods"]["DiffusionTrainer_ema"] is latest
+
+
+def _finished_run(root, run, trainer, log_name, epoch_s):
+    fold_dir = root / "Dataset004_Hippocampus" / "accuracy_repeats" / f"run{run}" / "Dataset004_Hippocampus" / \
+        f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+    (fold_dir / "validation").mkdir(parents=True)
+    (fold_dir / "validation" / "summary.json").write_text("{}")
+    (fold_dir / log_name).write_text(f"2026-11-30 00:41:00.000000: Epoch time: {epoch_s} s\n")
+    return fold_dir
+
+
+def test_runs_started_in_the_same_second_keep_their_own_logs(tmp_path, monkeypatch):
+    """Trainings side by side can start in the same second, and nnU-Net names its training log by that second:
+    each run's copy in out/logs must still be its own (the training-dynamics table reads them)."""
+    from accuracy_protocol import train_repeats
+    monkeypatch.setattr("nnunetv2.paths.nnUNet_results", str(tmp_path / "res"))
+    log_name = "training_log_2026_11_30_00_40_59.txt"
+    for r, s in ((1, 3.0), (2, 7.0)):
+        _finished_run(tmp_path / "res", r, "nnUNetTrainer_1ep2it", log_name, s)
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    runs = train_repeats(["nnUNetTrainer"], 1, 2, 2, 2, 0, "cpu", str(out), train=False)
+    assert [r["epoch_times_s"] for r in runs] == [[3.0], [7.0]]
+    assert runs[0]["training_log"] != runs[1]["training_log"]
+    for r, s in zip(runs, (3.0, 7.0)):
+        assert f"Epoch time: {s} s" in (out / "logs" / r["training_log"]).read_text()
+
+
+def test_recording_without_training_refuses_unfinished_runs(tmp_path, monkeypatch):
+    from accuracy_protocol import train_repeats
+    monkeypatch.setattr("nnunetv2.paths.nnUNet_results", str(tmp_path / "res"))
+    fold_dir = _finished_run(tmp_path / "res", 1, "nnUNetTrainer_1ep2it", "training_log_2026_11_30_00_40_59.txt", 1)
+    (fold_dir / "validation" / "summary.json").unlink()
+    (tmp_path / "out" / "logs").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="not trained"):
+        train_repeats(["nnUNetTrainer"], 1, 2, 1, 1, 0, "cpu", str(tmp_path / "out"), train=False)
+
+
+def test_validation_dice_from_nnunet_summary_equals_the_segmentations(tmp_path):
+    """A GPU run's files come back with nnU-Net's summary.json but without the segmentations: the Dice per case
+    read from the summary is the one scored from the segmentations."""
+    import shutil
+
+    import SimpleITK as sitk
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from accuracy_protocol import validation_dice
+    gt, pred = tmp_path / "gt", tmp_path / "validation"
+    gt.mkdir()
+    pred.mkdir()
+    rng = np.random.default_rng(1)
+    for c in ("hippocampus_001", "hippocampus_017"):
+        ref = np.zeros((6, 10, 10), np.uint8)
+        ref[1:5, 2:8, 2:5] = 1
+        ref[1:5, 2:8, 5:8] = 2
+        noisy = ref.copy()
+        flip = rng.random(ref.shape) < 0.15
+        noisy[flip] = rng.integers(0, 3, flip.sum())
+        for folder, arr in ((gt, ref), (pred, noisy)):
+            sitk.WriteImage(sitk.GetImageFromArray(arr), str(folder / f"{c}.nii.gz"))
+    scored = validation_dice(str(pred), str(gt))
+    compute_metrics_on_folder(str(gt), str(pred), str(pred / "summary.json"), SimpleITKIO(), ".nii.gz", [1, 2],
+                              None, 1)
+    shutil.move(str(pred), str(tmp_path / "kept"))
+    pred.mkdir()
+    shutil.copy(tmp_path / "kept" / "summary.json", pred / "summary.json")
+    from_summary = validation_dice(str(pred), str(gt))
+    assert set(from_summary) == set(scored) == {"hippocampus_001", "hippocampus_017"}
+    for c in scored:
+        assert 0.3 < scored[c] < 0.95
+        assert from_summary[c] == pytest.approx(scored[c], abs=1e-12)
