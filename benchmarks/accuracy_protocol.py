@@ -156,8 +156,12 @@ def train_repeats(bases: List[str], epochs: int, iters: int, repeats: int, jobs:
                 if os.path.isfile(os.path.join(fold_dir, "checkpoint_latest.pth")):
                     cmd.append("--c")
                 todo.append((run, cmd))
-    if todo and not train:
-        raise RuntimeError("not trained (or not finished): " + ", ".join(r["fold_dir"] for r, _ in todo))
+    if todo and not train:  # record what finished, train nothing
+        print("not finished, not recorded: " + ", ".join(r["fold_dir"] for r, _ in todo), flush=True)
+        runs = [r for r in runs if all(r is not t for t, _ in todo)]
+        todo = []
+        if not runs:
+            raise RuntimeError("no finished run to record")
     running, failed = [], []
     while todo or running:
         while todo and len(running) < jobs:
@@ -332,10 +336,13 @@ def main(argv=None) -> int:
                          "then nnU-Net's final validation only, as with --validation-only; for a GPU")
     ap.add_argument("--jobs", type=int, default=1,
                     help="trainings side by side (default 1); above 1 the runs go as with --repeats")
+    ap.add_argument("--record-only", action="store_true",
+                    help="with --repeats: train nothing, record the runs that finished (e.g. after "
+                         "gpu_accuracy.sh's DEADLINE) and list the others")
     ap.add_argument("--machine-from", metavar="ACCURACY_JSON",
-                    help="record the machine (and device) of this accuracy.json, written where the trainings ran, "
-                         "instead of this one's: for runs trained elsewhere and recorded here from their files "
-                         "(with --repeats; every run must have finished)")
+                    help="record the machine of this accuracy.json, written where the trainings ran, instead of "
+                         "this one's: for runs trained elsewhere and recorded here from their files (implies "
+                         "--record-only)")
     ap.add_argument("--mirror-cases", type=int, default=0,
                     help="per-mirroring diagnosis on the first N validation cases (sorted; 0: all)")
     args = ap.parse_args(argv)
@@ -387,7 +394,7 @@ def main(argv=None) -> int:
         return 0
     if args.repeats > 1 or args.jobs > 1:
         runs = train_repeats(args.trainers, epochs, iters, args.repeats, max(1, args.jobs), args.fold, args.device,
-                             out, train=not args.machine_from)
+                             out, train=not (args.record_only or args.machine_from))
         record_repeats(result, runs, gt, "python benchmarks/accuracy_protocol.py " + " ".join(argv or sys.argv[1:]))
         if args.machine_from:  # the date the runs started, not the other file's
             result["machine"]["date_utc"] = min(log_date(r["training_log"]) for r in runs)[:-len(" UTC")]

@@ -8,8 +8,10 @@
 # Settings (environment): BUDGET (EPOCHSxITERATIONS, default 30x100), REPEATS (runs per trainer, default 3),
 # TRAINERS (default "nnUNetTrainer DiffusionTrainer"), JOBS (trainings side by side, default: all), BATCH (default
 # 2, the CPU study's), DEVICE (default cuda), nnUNet_n_proc_DA (default: the cores shared by the trainings side by
-# side), DEADLINE (seconds after the start; default 0, none): at DEADLINE the protocol is interrupted and what the
-# runs wrote so far (training logs with their per-epoch pseudo Dice) is still packed into $OUT.
+# side), DEADLINE (seconds after the start; default 0, none): at DEADLINE the protocol is interrupted, the runs whose
+# final validation finished are recorded (accuracy_protocol.py --record-only, seconds), and what every run wrote so
+# far (training logs with their per-epoch pseudo Dice) is packed into $OUT; leave a minute between DEADLINE and
+# the call's own time limit.
 # Data: DATA_DIR (a Dataset004_Hippocampus folder, linked) or DATA_TAR (default .gpu/hip.tar.xz: the dataset with
 # its .nii.gz files unpacked to .nii, which xz packs smaller; prepared beside the checkout, not tracked).
 # Python: nnunetv2 must import, or .whl/ beside the checkout holds its wheels (benchmarks/gpu_common.sh).
@@ -62,6 +64,14 @@ LIMIT=()
   --trainers $TRAINERS --repeats "$REPEATS" --jobs "$JOBS"
 RC=$?
 echo "[$(elapsed) s] protocol exit code $RC"
+if [ "$RC" -eq 124 ]; then  # DEADLINE: record the runs whose final validation finished
+  $PY benchmarks/accuracy_protocol.py -o "$WORK/accuracy" --budget "$BUDGET" --batch-size "$BATCH" -device "$DEVICE" \
+    --trainers $TRAINERS --repeats "$REPEATS" --jobs "$JOBS" --record-only > "$WORK/record.log" 2>&1
+  RECORDED=$?
+  echo "[$(elapsed) s] recording the finished runs: exit code $RECORDED"
+  grep -E '^not finished|^RuntimeError' "$WORK/record.log"
+  cp "$WORK/record.log" "$OUT/" 2>/dev/null
+fi
 cp "$WORK"/accuracy/accuracy.md "$WORK"/accuracy/accuracy.json "$OUT"/ 2>/dev/null
 (cd "$WORK" && tar -czf "$OUT/runs.tar.gz" accuracy/logs accuracy/nnUNetPlans.json accuracy/splits_final.json \
   $(ls -d results/*/accuracy_repeats/run*/*/*/fold_*/{progress.png,training_log_*.txt,validation/summary.json} \

@@ -167,14 +167,23 @@ def test_runs_started_in_the_same_second_keep_their_own_logs(tmp_path, monkeypat
         assert f"Epoch time: {s} s" in (out / "logs" / r["training_log"]).read_text()
 
 
-def test_recording_without_training_refuses_unfinished_runs(tmp_path, monkeypatch):
+def test_recording_without_training_skips_unfinished_runs(tmp_path, monkeypatch):
+    """--record-only (after a DEADLINE): the finished runs are recorded, an unfinished one is left out (not
+    trained), and with none finished there is nothing to record."""
     from accuracy_protocol import train_repeats
     monkeypatch.setattr("nnunetv2.paths.nnUNet_results", str(tmp_path / "res"))
-    fold_dir = _finished_run(tmp_path / "res", 1, "nnUNetTrainer_1ep2it", "training_log_2026_11_30_00_40_59.txt", 1)
-    (fold_dir / "validation" / "summary.json").unlink()
+    for r in (1, 2):
+        fold_dir = _finished_run(tmp_path / "res", r, "nnUNetTrainer_1ep2it",
+                                 f"training_log_2026_11_30_00_40_5{r}.txt", r)
+    (fold_dir / "validation" / "summary.json").unlink()  # run 2 did not finish
     (tmp_path / "out" / "logs").mkdir(parents=True)
-    with pytest.raises(RuntimeError, match="not trained"):
-        train_repeats(["nnUNetTrainer"], 1, 2, 1, 1, 0, "cpu", str(tmp_path / "out"), train=False)
+    runs = train_repeats(["nnUNetTrainer"], 1, 2, 2, 2, 0, "cpu", str(tmp_path / "out"), train=False)
+    assert [r["run"] for r in runs] == [1]
+    assert not (fold_dir / "checkpoint_latest.pth").exists()
+    (tmp_path / "res" / "Dataset004_Hippocampus" / "accuracy_repeats" / "run1" / "Dataset004_Hippocampus" /
+     "nnUNetTrainer_1ep2it__nnUNetPlans__3d_fullres" / "fold_0" / "validation" / "summary.json").unlink()
+    with pytest.raises(RuntimeError, match="no finished run"):
+        train_repeats(["nnUNetTrainer"], 1, 2, 2, 2, 0, "cpu", str(tmp_path / "out"), train=False)
 
 
 def test_validation_dice_from_nnunet_summary_equals_the_segmentations(tmp_path):
