@@ -1,23 +1,59 @@
 """DiffusionTrainer with nnU-Net's residual-encoder presets (nnUNetPlannerResEncM, nnU-Net's recommendation):
-planning, training with validation, and prediction through both commands with ``-p``."""
+the network built from ResEnc plans (default run), and planning, training with validation, and prediction through
+both commands with ``-p`` (``slow``: about 2 minutes on 2 cores, most of it the ResEnc network on the CPU)."""
 import json
 import os
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
+import torch
 
 from conftest import BIN, DATASET, run
 
 PLANS = "nnUNetResEncUNetMPlans"
 
 
-def test_resenc_plans_train_validate_and_predict(env, tmp_path):
+def _plan_resenc(env):
     pre_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}  # 0 breaks planning and preprocessing
-    run([f"{BIN}/nnUNetv2_plan_experiment", "-d", "990", "-pl", "nnUNetPlannerResEncM"], env=pre_env)
     plans_file = os.path.join(env["nnUNet_preprocessed"], DATASET, f"{PLANS}.json")
+    if not os.path.isfile(plans_file):
+        run([f"{BIN}/nnUNetv2_plan_experiment", "-d", "990", "-pl", "nnUNetPlannerResEncM"], env=pre_env)
     plans = json.load(open(plans_file))
     arch = plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"]
     assert arch.endswith("ResidualEncoderUNet")
+    return plans, pre_env
+
+
+def test_resenc_plans_build_a_diffusion_network(env):
+    """The trainer builds its network from ResEnc plans like stock does (the same ResidualEncoderUNet, its input
+    grown by the C mask channels), and one denoising step and the chain run on it."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_diffusion.trainer import DiffusionTrainer
+    plans, _ = _plan_resenc(env)
+    dataset_json = json.load(open(os.path.join(env["nnUNet_preprocessed"], DATASET, "dataset.json")))
+    pm = PlansManager(plans)
+    cm = pm.get_configuration("3d_fullres")
+    num_classes = len(dataset_json["labels"])
+    net = DiffusionTrainer.build_network_architecture(pm, cm, 1, num_classes, enable_deep_supervision=False)
+    assert type(net.unet).__name__ == "ResidualEncoderUNet"
+    first_conv = next(m for m in net.unet.modules() if isinstance(m, torch.nn.Conv3d))
+    assert first_conv.in_channels == 1 + num_classes
+    torch.manual_seed(0)
+    image = torch.randn(1, 1, *cm.patch_size)
+    with torch.no_grad():
+        out = net(image, torch.randn(1, num_classes, *cm.patch_size), torch.tensor([500.0]))
+        chain = net(image)
+    logits = out if torch.is_tensor(out) else out[0]
+    assert logits.shape == (1, num_classes, *cm.patch_size) and torch.isfinite(logits).all()
+    chain = chain if torch.is_tensor(chain) else chain[0]
+    assert chain.shape == (1, num_classes, *cm.patch_size) and torch.isfinite(chain).all()
+
+
+@pytest.mark.slow
+def test_resenc_plans_train_validate_and_predict(env, tmp_path):
+    plans, pre_env = _plan_resenc(env)
     run([f"{BIN}/nnUNetv2_preprocess", "-d", "990", "-plans_name", PLANS, "-c", "3d_fullres", "-np", "1"],
         env=pre_env)
     tr = "DiffusionTrainer_1ep2it"
