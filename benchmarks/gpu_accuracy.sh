@@ -60,13 +60,13 @@ echo "[$(elapsed) s] $TRAINERS, $REPEATS runs each at $BUDGET (batch $BATCH), $J
 DEADLINE=${DEADLINE:-0}
 LIMIT=()
 [ "$DEADLINE" -gt 0 ] && LIMIT=(timeout -s INT -k 20 $(( DEADLINE - $(elapsed) )))
-"${LIMIT[@]}" $PY benchmarks/accuracy_protocol.py -o "$WORK/accuracy" --budget "$BUDGET" --batch-size "$BATCH" -device "$DEVICE" \
-  --trainers $TRAINERS --repeats "$REPEATS" --jobs "$JOBS"
+PROTOCOL=(benchmarks/accuracy_protocol.py -o "$WORK/accuracy" --budget "$BUDGET" --batch-size "$BATCH" -device "$DEVICE"
+  --trainers $TRAINERS --repeats "$REPEATS" --jobs "$JOBS")
+"${LIMIT[@]}" $PY "${PROTOCOL[@]}"
 RC=$?
 echo "[$(elapsed) s] protocol exit code $RC"
 if [ "$RC" -eq 124 ]; then  # DEADLINE: record the runs whose final validation finished
-  $PY benchmarks/accuracy_protocol.py -o "$WORK/accuracy" --budget "$BUDGET" --batch-size "$BATCH" -device "$DEVICE" \
-    --trainers $TRAINERS --repeats "$REPEATS" --jobs "$JOBS" --record-only > "$WORK/record.log" 2>&1
+  $PY "${PROTOCOL[@]}" --record-only > "$WORK/record.log" 2>&1
   RECORDED=$?
   echo "[$(elapsed) s] recording the finished runs: exit code $RECORDED"
   grep -E '^not finished|^RuntimeError' "$WORK/record.log"

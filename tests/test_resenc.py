@@ -45,15 +45,14 @@ def test_resenc_plans_build_a_diffusion_network(env):
     with torch.no_grad():
         out = net(image, torch.randn(1, num_classes, *cm.patch_size), torch.tensor([500.0]))
         chain = net(image)
-    logits = out if torch.is_tensor(out) else out[0]
-    assert logits.shape == (1, num_classes, *cm.patch_size) and torch.isfinite(logits).all()
-    chain = chain if torch.is_tensor(chain) else chain[0]
-    assert chain.shape == (1, num_classes, *cm.patch_size) and torch.isfinite(chain).all()
+    for logits in (out, chain):  # without deep supervision: one tensor of logits at full resolution
+        assert torch.is_tensor(logits) and logits.shape == (1, num_classes, *cm.patch_size)
+        assert torch.isfinite(logits).all()
 
 
 @pytest.mark.slow
 def test_resenc_plans_train_validate_and_predict(env, tmp_path):
-    plans, pre_env = _plan_resenc(env)
+    _, pre_env = _plan_resenc(env)
     run([f"{BIN}/nnUNetv2_preprocess", "-d", "990", "-plans_name", PLANS, "-c", "3d_fullres", "-np", "1"],
         env=pre_env)
     tr = "DiffusionTrainer_1ep2it"
