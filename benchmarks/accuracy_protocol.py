@@ -482,8 +482,13 @@ def validation_dice(folder: str, gt: str) -> Dict[str, float]:
     summary = os.path.join(folder, "summary.json")
     if not os.path.isfile(summary):
         raise FileNotFoundError(f"no segmentations and no summary.json in {folder}")
+    return summary_dice(summary)
+
+
+def summary_dice(summary_file: str) -> Dict[str, float]:
+    """Per case, the mean over the labels of the Dice in an nnU-Net ``summary.json`` (its final validation)."""
     dice = {}
-    for entry in json.load(open(summary))["metric_per_case"]:
+    for entry in json.load(open(summary_file))["metric_per_case"]:
         case = os.path.basename(entry["prediction_file"])
         case = case[:-len(".nii.gz")] if case.endswith(".nii.gz") else os.path.splitext(case)[0]
         dice[case] = float(np.mean([m["Dice"] for m in entry["metrics"].values()]))

@@ -25,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy_protocol import CONFIG, DATASET, DATASET_ID, prepare, train  # noqa: E402
+from accuracy_protocol import CONFIG, DATASET, DATASET_ID, prepare, summary_dice, train  # noqa: E402
 
 DEMO_HELD_OUT = [f"hippocampus_{i:03d}" for i in range(48, 54)]  # data/Dataset504_HippocampusDemo/imagesTs
 SPLIT = 5
@@ -95,9 +95,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     info = train(trainer, SPLIT, args.device, out_dir)
     model = os.path.join(str(nnUNet_results), DATASET, f"{trainer}__nnUNetPlans__{CONFIG}")
-    summary = json.load(open(os.path.join(model, f"fold_{SPLIT}", "validation", "summary.json")))
-    per_case = {os.path.basename(c["reference_file"]).split(".")[0]:
-                sum(v["Dice"] for v in c["metrics"].values()) / len(c["metrics"]) for c in summary["metric_per_case"]}
+    summary_file = os.path.join(model, f"fold_{SPLIT}", "validation", "summary.json")
+    summary = json.load(open(summary_file))
+    per_case = summary_dice(summary_file)
     machine = machine_info(args.device)
     notes = {"training_command": info["command"], "budget": {"epochs": epochs, "iterations": iters,
                                                              "batch_size": args.batch_size or "planned"},
