@@ -52,6 +52,9 @@ class DiffusionConfig:
         model's previous estimate x0_hat (in training: the estimate of a first, gradient-free pass on the same
         x_t for a random half of the batch, zeros for the other half; in the chain: the previous step's x0_hat,
         zeros at the first step). Not the paper's.
+    noisiest_share: training only: the probability of drawing the noisiest level k = K for a sample (the level
+        the chain's first step sees, pure noise: the image alone must give the mask); the other K - 1 levels
+        share the rest equally. ``None``: uniform over the K levels (the paper, 1/K each).
 
     The defaults are the paper's configuration; ``DiffusionTrainer`` may use another (see trainer.py).
     """
@@ -72,6 +75,7 @@ class DiffusionConfig:
     zero_init_mask_input: bool = False
     ema_halflife: float = 0.0
     self_condition: bool = False
+    noisiest_share: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check_int("num_steps", self.num_steps, self.num_base_levels)
@@ -84,6 +88,11 @@ class DiffusionConfig:
         if isinstance(self.ema_halflife, bool) or not isinstance(self.ema_halflife, (int, float)) \
                 or not 0 <= self.ema_halflife <= 1:
             raise ValueError(f"ema_halflife must be a fraction of the run in [0, 1], got {self.ema_halflife!r}")
+        if self.noisiest_share is not None and (isinstance(self.noisiest_share, bool)
+                                                or not isinstance(self.noisiest_share, (int, float))
+                                                or not 0 <= self.noisiest_share <= 1):
+            raise ValueError(f"noisiest_share must be None (uniform levels) or a probability in [0, 1], "
+                             f"got {self.noisiest_share!r}")
 
     def inference_schedule(self, num_steps: Optional[int] = None) -> Schedule:
         return Schedule.resampled(num_steps or self.num_steps, self.num_base_levels, self.beta_start, self.beta_end)

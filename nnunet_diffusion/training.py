@@ -57,9 +57,15 @@ def full_resolution_pass(network: Callable, decoder) -> FullResDenoiseFn:
 
 
 def sample_levels(batch_size: int, num_steps: int, device: torch.device,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """k uniform on {1 ... K}, one per sample, shape ``(B,)``."""
-    return torch.randint(1, num_steps + 1, (batch_size,), device=device, generator=generator)
+                  generator: Optional[torch.Generator] = None,
+                  noisiest_share: Optional[float] = None) -> torch.Tensor:
+    """One level k per sample, shape ``(B,)``: uniform on {1 ... K}, or, with ``noisiest_share`` p, k = K with
+    probability p and uniform on {1 ... K - 1} otherwise."""
+    if noisiest_share is None or num_steps == 1:
+        return torch.randint(1, num_steps + 1, (batch_size,), device=device, generator=generator)
+    lower = torch.randint(1, num_steps, (batch_size,), device=device, generator=generator)
+    noisiest = torch.rand(batch_size, device=device, generator=generator) < noisiest_share
+    return torch.where(noisiest, torch.full_like(lower, num_steps), lower)
 
 
 def recycle_levels(k: torch.Tensor, num_steps: int, source: str) -> torch.Tensor:
@@ -74,11 +80,11 @@ def recycle_levels(k: torch.Tensor, num_steps: int, source: str) -> torch.Tensor
 def make_noisy_mask(denoise_fn: Callable, image: torch.Tensor, x0: torch.Tensor, schedule: Schedule,
                     *, recycle: bool, prediction: str = "x0", k: Optional[torch.Tensor] = None,
                     generator: Optional[torch.Generator] = None, recycle_source: str = "next",
-                    supervise_recycle: bool = False) -> NoisyBatch:
+                    supervise_recycle: bool = False, noisiest_share: Optional[float] = None) -> NoisyBatch:
     """Build the noisy mask x_t the supervised pass is trained on.
 
     Recipe (paper eq. 8-9):
-      1. k ~ U{1 ... K} per sample (unless given).
+      1. k ~ U{1 ... K} per sample (unless given; ``noisiest_share``: see ``sample_levels``).
       2. without recycling: x_t = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps.
       3. with recycling: k' = min(k + 1, K) (``recycle_source="noise"``: k' = K);
          x_{k'} = sqrt(abar_k') x0 + sqrt(1 - abar_k') eps1;
@@ -92,7 +98,7 @@ def make_noisy_mask(denoise_fn: Callable, image: torch.Tensor, x0: torch.Tensor,
     """
     K = schedule.num_steps
     if k is None:
-        k = sample_levels(x0.shape[0], K, x0.device, generator)
+        k = sample_levels(x0.shape[0], K, x0.device, generator, noisiest_share)
     source, recycled = x0, None
     if recycle:
         k_next = recycle_levels(k, K, recycle_source)

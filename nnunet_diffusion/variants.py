@@ -19,7 +19,8 @@ __all__ = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTr
            "DiffusionTrainer_1000steps", "DiffusionTrainer_paper", "DiffusionTrainer_supervisedRecycle",
            "DiffusionTrainer_supervisedRecycleFromNoise", "DiffusionTrainer_chainMean",
            "DiffusionTrainer_zeroInitMaskInput", "DiffusionTrainer_ema",
-           "DiffusionTrainer_selfCondition", "DiffusionTrainer_zeroInitChainMeanEma"]
+           "DiffusionTrainer_selfCondition", "DiffusionTrainer_zeroInitChainMeanEma",
+           "DiffusionTrainer_noisiestHalf"]
 
 PAPER = DiffusionConfig()
 
@@ -74,6 +75,14 @@ class DiffusionTrainer_zeroInitChainMeanEma(DiffusionTrainer):
     of all K steps' x0_hat (also in nnU-Net's own validation and nnUNetv2_predict), and the EMA of the weights
     (half-life 5 % of the run)."""
     diffusion = replace(PAPER, zero_init_mask_input=True, average_last=PAPER.num_steps, ema_halflife=0.05)
+
+
+class DiffusionTrainer_noisiestHalf(DiffusionTrainer):
+    """The settings of ``DiffusionTrainer_zeroInitChainMeanEma`` (the default since 2026-11-29), with half of the
+    training samples at the noisiest level K (pure noise: the chain's first step, which sets the segmentation;
+    the refinement steps add little) and the other half uniform over levels 1 ... K-1 (1/8 each instead of 1/5)."""
+    diffusion = replace(PAPER, zero_init_mask_input=True, average_last=PAPER.num_steps, ema_halflife=0.05,
+                        noisiest_share=0.5)
 
 
 class DiffusionTrainer_noRecycle(DiffusionTrainer):

@@ -1,9 +1,15 @@
+from dataclasses import replace
+
+import pytest
 import torch
 
 from conftest import tiny_diffusion_net
+from nnunet_diffusion.config import DiffusionConfig
 from nnunet_diffusion.sampling import encode_mask, mask_from_logits
 from nnunet_diffusion.schedule import Schedule
+from nnunet_diffusion.trainer import DiffusionTrainer, check_diffusion_settings
 from nnunet_diffusion.training import make_noisy_mask, sample_levels
+from nnunet_diffusion.variants import DiffusionTrainer_noisiestHalf
 
 
 def test_levels_are_uniform_over_the_chain():
@@ -87,3 +93,48 @@ def test_no_gradient_flows_from_xt_into_the_recycle_pass():
             assert n not in grads
         else:
             torch.testing.assert_close(p.grad, grads[n], rtol=0, atol=0)
+
+
+def test_noisiest_share_draws_level_k_with_that_probability():
+    """``noisiest_share`` p: k = K with probability p, the other levels uniform (and never 0); None stays uniform."""
+    g = torch.Generator().manual_seed(0)
+    k = sample_levels(50000, 5, torch.device("cpu"), g, noisiest_share=0.5)
+    share = torch.bincount(k, minlength=6).float() / 50000
+    assert share[0] == 0 and k.min() == 1
+    torch.testing.assert_close(share[1:], torch.tensor([0.125, 0.125, 0.125, 0.125, 0.5]), atol=0.01, rtol=0)
+    assert sample_levels(1000, 5, torch.device("cpu"), g, noisiest_share=1.0).eq(5).all()
+    assert sample_levels(1000, 5, torch.device("cpu"), g, noisiest_share=0.0).max() == 4
+    assert sample_levels(10, 1, torch.device("cpu"), g, noisiest_share=0.3).eq(1).all()
+
+
+def test_noisiest_share_is_what_the_trainer_draws(make_trainer):
+    """Through nnU-Net's initialised trainer: ``DiffusionTrainer_noisiestHalf`` trains about half of its samples
+    at the noisiest level, the default trainer a fifth."""
+    def noisiest_fraction(name):
+        tr = make_trainer(f"{name}_1ep1it")
+        batch = next(tr.dataloader_train)
+        data = batch["data"].to(tr.device)
+        target = [t.to(tr.device) for t in batch["target"]] if isinstance(batch["target"], list) \
+            else batch["target"].to(tr.device)
+        torch.manual_seed(0)
+        K = tr.diffusion_network.training_schedule.num_steps
+        with torch.no_grad():
+            levels = torch.cat([tr.make_noisy_batch(data, target).k for _ in range(50)])
+        return levels.eq(K).float().mean().item()
+
+    assert 0.35 < noisiest_fraction("DiffusionTrainer_noisiestHalf") < 0.65
+    assert noisiest_fraction("DiffusionTrainer") < 0.3
+
+
+def test_noisiest_share_is_validated_and_refused_across_checkpoints():
+    for bad in (-0.1, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="noisiest_share"):
+            DiffusionConfig(noisiest_share=bad)
+    ckpt = {"diffusion": DiffusionTrainer_noisiestHalf.diffusion.to_dict(),
+            "trainer_name": "DiffusionTrainer_noisiestHalf"}
+    with pytest.raises(ValueError, match="noisiest_share"):
+        check_diffusion_settings(ckpt, DiffusionTrainer.diffusion, "x")
+    # a checkpoint written before the field existed drew its levels uniformly
+    old = {k: v for k, v in DiffusionTrainer.diffusion.to_dict().items() if k != "noisiest_share"}
+    check_diffusion_settings({"diffusion": old}, DiffusionTrainer.diffusion, "x")
+    assert replace(DiffusionTrainer.diffusion, noisiest_share=0.5) == DiffusionTrainer_noisiestHalf.diffusion
