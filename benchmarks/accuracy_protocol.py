@@ -526,8 +526,11 @@ REFERENCES = [
     ("DiffusionTrainer_paper", "the paper's configuration",
      "A candidate became `DiffusionTrainer`'s default only when it was significantly better than the paper's "
      "configuration."),
-    ("DiffusionTrainer_zeroInitMaskInput", "the current default's configuration",
-     "`DiffusionTrainer`'s default is this configuration; a candidate replaces it only when significantly better."),
+    ("DiffusionTrainer_zeroInitMaskInput", "the previous default's configuration",
+     "`DiffusionTrainer`'s default until 2026-11-29 (then replaced by `DiffusionTrainer_zeroInitChainMeanEma`)."),
+    ("DiffusionTrainer_zeroInitChainMeanEma", "the current default's configuration",
+     "`DiffusionTrainer`'s default is this configuration; a candidate replaces it only when significantly better "
+     "than its runs."),
 ]
 
 
@@ -652,19 +655,30 @@ def write_tables(result: Dict, out: str) -> None:
         ref_entry = methods.get(ref_name)
         if ref_entry is None:
             continue
+        # every training run of the reference: a candidate against one run alone would be against that run's luck
+        ref_runs = [ref_entry] + result.get("earlier_runs", {}).get(ref_name, [])
+        heads = ([f"{ref_name}'s Dice", "Δ", "p"] if len(ref_runs) == 1 else
+                 [f"Δ vs run {run_label(r, 'latest')} (Dice; p)" for r in ref_runs])
         lines += ["", f"## Candidates against {what} (`{ref_name}`)", "",
                   f"Same mode for both; Δ and p: paired t-test over cases (α = 0.01). {rule}",
-                  "", f"| method | mode | Dice | {ref_name}'s Dice | Δ | p |", "|---|---|---|---|---|---|"]
+                  "", "| method | mode | Dice | " + " | ".join(heads) + " |", "|---|---|---|" + "---|" * len(heads)]
         for name, e in methods.items():
             if not name.startswith("Diffusion") or name in (ref_name, "DiffusionTrainer_paper"):
                 continue
             for mode, dice in e["modes"].items():
-                ref = ref_entry["modes"].get(mode)
-                if not ref:
+                refs = [r["modes"].get(mode) for r in ref_runs]
+                if not any(refs):
                     continue
-                a, r, delta, p = _paired(dice, ref)
-                lines.append(f"| {name} | {mode_label(e['trainer'], mode)} | {a:.4f} | {r:.4f} | {delta:+.4f} | "
-                             f"{p:.2g} |")
+                cells = []
+                for ref in refs:
+                    if not ref:
+                        cells.append("–")
+                        continue
+                    a, r, delta, p = _paired(dice, ref)
+                    cells.append(f"{r:.4f} | {delta:+.4f} | {p:.2g}" if len(ref_runs) == 1
+                                 else f"{delta:+.4f} ({r:.4f}; {p:.2g})")
+                lines.append(f"| {name} | {mode_label(e['trainer'], mode)} | {np.mean(list(dice.values())):.4f} | "
+                             + " | ".join(cells) + " |")
     earlier = result.get("earlier_runs", {})
     if earlier:
         lines += ["", "## Run-to-run variation: earlier training runs of the same trainer", "",

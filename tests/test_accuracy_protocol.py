@@ -219,3 +219,28 @@ def test_validation_dice_from_nnunet_summary_equals_the_segmentations(tmp_path):
     for c in scored:
         assert 0.3 < scored[c] < 0.95
         assert from_summary[c] == pytest.approx(scored[c], abs=1e-12)
+
+
+def test_candidates_are_compared_with_every_run_of_the_current_default(result, tmp_path):
+    """The current default was trained several times: a candidate's row holds its Δ against each of those runs
+    (against one run alone it would be against that run's luck), and the default's own runs get no row."""
+    from accuracy_protocol import write_tables
+    rng = np.random.default_rng(1)
+    default = "DiffusionTrainer_zeroInitChainMeanEma"
+    runs = [_run(rng.uniform(0.6, 0.9, 12), rng.uniform(0.6, 0.9, 12), f"r{i}") for i in range(2)]
+    for r in runs:
+        r["trainer"] = f"{default}_12ep50it"
+    result["methods"][default], result["earlier_runs"][default] = runs[0], runs[1:]
+    write_tables(result, str(tmp_path))
+    section = (tmp_path / "accuracy.md").read_text().split("## Candidates against the current default's")[1]
+    section = section.split("\n## ")[0]
+    assert not [ln for ln in section.splitlines() if ln.startswith(f"| {default} |")]
+    row = [ln for ln in section.splitlines() if ln.startswith("| DiffusionTrainer_ema | mirror |")][0]
+    cells = row.strip("| ").split(" | ")[3:]
+    cand = result["methods"]["DiffusionTrainer_ema"]["modes"]["mirror"]
+    assert len(cells) == len(runs)
+    for cell, run in zip(cells, runs):
+        ref = run["modes"]["mirror"]
+        delta = np.mean([cand[c] - ref[c] for c in ref])
+        assert float(cell.split(" ")[0]) == pytest.approx(delta, abs=1e-4)
+        assert float(cell.split("(")[1].split(";")[0]) == pytest.approx(np.mean(list(ref.values())), abs=1e-4)
