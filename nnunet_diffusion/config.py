@@ -16,6 +16,12 @@ def _check_int(name: str, value, high: int) -> None:
         raise ValueError(f"{name} must be an integer in [1, {high}], got {value!r}")
 
 
+def _check_fraction(name: str, value, meaning: str) -> None:
+    """``value`` a number (not a bool) in [0, 1]; ``meaning`` says what it is in the error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be {meaning} in [0, 1], got {value!r}")
+
+
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -85,14 +91,9 @@ class DiffusionConfig:
         _check_choice("sampler", self.sampler, SAMPLERS)
         _check_choice("recycle_source", self.recycle_source, RECYCLE_SOURCES)
         _check_int("average_last", self.average_last, self.num_steps)
-        if isinstance(self.ema_halflife, bool) or not isinstance(self.ema_halflife, (int, float)) \
-                or not 0 <= self.ema_halflife <= 1:
-            raise ValueError(f"ema_halflife must be a fraction of the run in [0, 1], got {self.ema_halflife!r}")
-        if self.noisiest_share is not None and (isinstance(self.noisiest_share, bool)
-                                                or not isinstance(self.noisiest_share, (int, float))
-                                                or not 0 <= self.noisiest_share <= 1):
-            raise ValueError(f"noisiest_share must be None (uniform levels) or a probability in [0, 1], "
-                             f"got {self.noisiest_share!r}")
+        _check_fraction("ema_halflife", self.ema_halflife, "a fraction of the run")
+        if self.noisiest_share is not None:
+            _check_fraction("noisiest_share", self.noisiest_share, "None (uniform levels) or a probability")
 
     def inference_schedule(self, num_steps: Optional[int] = None) -> Schedule:
         return Schedule.resampled(num_steps or self.num_steps, self.num_base_levels, self.beta_start, self.beta_end)
