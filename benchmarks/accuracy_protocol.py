@@ -364,7 +364,7 @@ def main(argv=None) -> int:
     plans = prepare(args.batch_size, os.path.join(out, "logs", "prepare.log"))
     shutil.copy(plans, os.path.join(out, "nnUNetPlans.json"))
     cases = val_images(args.fold, work)
-    shutil.copy(os.path.join(str(nnUNet_preprocessed), DATASET, "splits_final.json"), out)
+    record_split(os.path.join(str(nnUNet_preprocessed), DATASET, "splits_final.json"), out, args.fold)
     gt = os.path.join(str(nnUNet_preprocessed), DATASET, "gt_segmentations")
     result_path = os.path.join(out, "accuracy.json")
     result = json.load(open(result_path)) if os.path.isfile(result_path) else {}
@@ -541,6 +541,22 @@ def mode_label(trainer: str, mode: str) -> str:
     from nnunet_diffusion.budget import make_budget_trainer
     cfg = make_budget_trainer(trainer).diffusion
     return f"mirror, mean of {cfg.average_last}" if cfg.average_last > 1 else mode
+
+
+def record_split(splits_file: str, out: str, fold: int) -> None:
+    """Keep nnU-Net's split in ``out``. Where ``out`` already holds one (earlier runs were recorded there and are
+    compared case by case with this one), the fold must be the same, and the recorded file stays as it is (the
+    workspace's may have gained other splits since)."""
+    recorded = os.path.join(out, "splits_final.json")
+    if not os.path.isfile(recorded):
+        shutil.copy(splits_file, recorded)
+        return
+    new, old = json.load(open(splits_file)), json.load(open(recorded))
+    same = fold < min(len(new), len(old)) and all(sorted(new[fold][part]) == sorted(old[fold][part])
+                                                   for part in ("train", "val"))
+    if not same:
+        raise SystemExit(f"fold {fold} of {splits_file} is not the fold recorded in {recorded}: the runs recorded "
+                         "there were trained on another split. Use another -o, or nnU-Net's split of those runs.")
 
 
 def _paired(dice: Dict[str, float], ref: Dict[str, float]):

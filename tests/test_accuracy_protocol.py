@@ -244,3 +244,24 @@ def test_candidates_are_compared_with_every_run_of_the_current_default(result, t
         delta = np.mean([cand[c] - ref[c] for c in ref])
         assert float(cell.split(" ")[0]) == pytest.approx(delta, abs=1e-4)
         assert float(cell.split("(")[1].split(";")[0]) == pytest.approx(np.mean(list(ref.values())), abs=1e-4)
+
+
+def test_a_recorded_split_is_kept_and_another_fold_is_refused(tmp_path):
+    """Runs recorded in one results folder are compared case by case: the protocol keeps the split recorded
+    there when the workspace's has gained other splits (same fold), and refuses a workspace whose fold differs."""
+    import json
+
+    from accuracy_protocol import record_split
+    split = [{"train": ["a", "b"], "val": ["c"]}, {"train": ["a", "c"], "val": ["b"]}]
+    workspace, out = tmp_path / "splits_final.json", tmp_path / "out"
+    out.mkdir()
+    workspace.write_text(json.dumps(split))
+    record_split(str(workspace), str(out), 0)
+    recorded = (out / "splits_final.json").read_text()
+    workspace.write_text(json.dumps(split + [{"train": ["a", "b", "c"], "val": []}]))  # one more split, fold 0 same
+    record_split(str(workspace), str(out), 0)
+    assert (out / "splits_final.json").read_text() == recorded
+    workspace.write_text(json.dumps([{"train": ["a", "c"], "val": ["b"]}] + split[1:]))
+    with pytest.raises(SystemExit, match="fold 0"):
+        record_split(str(workspace), str(out), 0)
+    assert (out / "splits_final.json").read_text() == recorded
