@@ -81,8 +81,7 @@ class DiffusionTrainer_noisiestHalf(DiffusionTrainer):
     """The settings of ``DiffusionTrainer_zeroInitChainMeanEma`` (the default since 2026-11-29), with half of the
     training samples at the noisiest level K (pure noise: the chain's first step, which sets the segmentation;
     the refinement steps add little) and the other half uniform over levels 1 ... K-1 (1/8 each instead of 1/5)."""
-    diffusion = replace(PAPER, zero_init_mask_input=True, average_last=PAPER.num_steps, ema_halflife=0.05,
-                        noisiest_share=0.5)
+    diffusion = replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion, noisiest_share=0.5)
 
 
 class DiffusionTrainer_noRecycle(DiffusionTrainer):
