@@ -20,7 +20,7 @@ __all__ = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTr
            "DiffusionTrainer_supervisedRecycleFromNoise", "DiffusionTrainer_chainMean",
            "DiffusionTrainer_zeroInitMaskInput", "DiffusionTrainer_ema",
            "DiffusionTrainer_selfCondition", "DiffusionTrainer_zeroInitChainMeanEma",
-           "DiffusionTrainer_noisiestHalf"]
+           "DiffusionTrainer_noisiestHalf", "DiffusionTrainer_defaultSelfCondition"]
 
 PAPER = DiffusionConfig()
 
@@ -82,6 +82,13 @@ class DiffusionTrainer_noisiestHalf(DiffusionTrainer):
     training samples at the noisiest level K (pure noise: the chain's first step, which sets the segmentation;
     the refinement steps add little) and the other half uniform over levels 1 ... K-1 (1/8 each instead of 1/5)."""
     diffusion = replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion, noisiest_share=0.5)
+
+
+class DiffusionTrainer_defaultSelfCondition(DiffusionTrainer):
+    """The settings of ``DiffusionTrainer_zeroInitChainMeanEma`` (the default since 2026-11-29) with
+    self-conditioning (``DiffusionTrainer_selfCondition`` adds it to the paper's settings instead); the zero
+    initialisation covers the estimate's C input channels too, so the untrained network sees only the image."""
+    diffusion = replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion, self_condition=True)
 
 
 class DiffusionTrainer_noRecycle(DiffusionTrainer):

@@ -96,3 +96,25 @@ def test_self_conditioning_trainer_trains_on_the_estimate(make_trainer):
     tr.train_step(next(tr.dataloader_train))
     assert seen == [(C, False), (2 * C, False), (2 * C, True)]
     assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_default_with_self_conditioning_starts_blind_to_all_mask_channels(make_trainer):
+    """``DiffusionTrainer_defaultSelfCondition``: the default's settings plus self-conditioning, and the default's
+    zero initialisation covers the estimate's C channels as well as x_t's, so the untrained network's output
+    depends on the image only (as the default's does)."""
+    from nnunet_diffusion.trainer import DiffusionTrainer
+    from nnunet_diffusion.variants import DiffusionTrainer_defaultSelfCondition
+    assert DiffusionTrainer_defaultSelfCondition.diffusion == replace(DiffusionTrainer.diffusion, self_condition=True)
+    tr = make_trainer("DiffusionTrainer_defaultSelfCondition_1ep1it")
+    net = tr.diffusion_network
+    C, n_img = net.num_classes, net.num_image_channels
+    conv = next(m for m in net.unet.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
+    assert conv.in_channels == n_img + 2 * C
+    assert conv.weight[:, n_img:].abs().sum() == 0 and conv.weight[:, :n_img].abs().sum() > 0
+    net.eval()
+    image = torch.randn(1, n_img, *tr.configuration_manager.patch_size)
+    t = torch.tensor([1000])
+    with torch.no_grad():
+        a = net(image, torch.randn(1, 2 * C, *image.shape[2:]), t)
+        b = net(image, torch.randn(1, 2 * C, *image.shape[2:]), t)
+    torch.testing.assert_close(a, b)
