@@ -9,6 +9,7 @@ from nnunet_diffusion.schedule import BETA_END, BETA_START, NUM_BASE_LEVELS, Sch
 PREDICTIONS = ("x0", "eps")
 SAMPLERS = ("ddpm", "ddim")
 RECYCLE_SOURCES = ("next", "noise")
+STARTS = ("noise", "zeros")
 
 
 def _check_int(name: str, value, high: int) -> None:
@@ -61,6 +62,11 @@ class DiffusionConfig:
     noisiest_share: training only: the probability of drawing the noisiest level k = K for a sample (the level
         the chain's first step sees, pure noise: the image alone must give the mask); the other K - 1 levels
         share the rest equally. ``None``: uniform over the K levels (the paper, 1/K each).
+    start: inference: what the chain starts from at level K. ``"noise"``: x_K ~ N(0, I) (the paper);
+        ``"zeros"``: x_K = 0, the mean of that noise. At level K, x_K carries no information about the mask
+        (alpha_bar_K ~ 4e-5), so the best prediction from it does not depend on it; zeros remove the variance a
+        random draw adds to the chain's first estimate. Later steps still draw their noise (DDPM), the same
+        draws as with ``"noise"`` (the starting draw is made and discarded), so the two are paired.
 
     The defaults are the paper's configuration; ``DiffusionTrainer`` may use another (see trainer.py).
     """
@@ -82,6 +88,7 @@ class DiffusionConfig:
     ema_halflife: float = 0.0
     self_condition: bool = False
     noisiest_share: Optional[float] = None
+    start: str = "noise"
 
     def __post_init__(self) -> None:
         _check_int("num_steps", self.num_steps, self.num_base_levels)
@@ -90,6 +97,7 @@ class DiffusionConfig:
         _check_choice("prediction", self.prediction, PREDICTIONS)
         _check_choice("sampler", self.sampler, SAMPLERS)
         _check_choice("recycle_source", self.recycle_source, RECYCLE_SOURCES)
+        _check_choice("start", self.start, STARTS)
         _check_int("average_last", self.average_last, self.num_steps)
         _check_fraction("ema_halflife", self.ema_halflife, "a fraction of the run")
         if self.noisiest_share is not None:
@@ -121,7 +129,7 @@ class SamplingSettings:
     """How one prediction samples (inference only; the weights do not depend on it).
 
     num_steps: K' levels of the chain; sampler: "ddpm" or "ddim"; average_last: output = mean softmax of the
-    last m steps' x0_hat; seed: noise seed of the generator used when no noise is passed in (None: torch's
+    last m steps' x0_hat; start: "noise" or "zeros" (x_K, see DiffusionConfig); seed: noise seed of the generator used when no noise is passed in (None: torch's
     global RNG).
     """
 
@@ -129,16 +137,19 @@ class SamplingSettings:
     sampler: str = "ddpm"
     average_last: int = 1
     seed: Optional[int] = 0
+    start: str = "noise"
 
     def __post_init__(self) -> None:
         _check_int("num_steps", self.num_steps, NUM_BASE_LEVELS)
         _check_choice("sampler", self.sampler, SAMPLERS)
+        _check_choice("start", self.start, STARTS)
         _check_int("average_last", self.average_last, self.num_steps)
 
     @classmethod
     def from_config(cls, config: DiffusionConfig, **overrides) -> "SamplingSettings":
         """The trained settings, with any of ``overrides`` (None values keep the trained setting)."""
-        values = {"num_steps": config.num_steps, "sampler": config.sampler, "average_last": config.average_last}
+        values = {"num_steps": config.num_steps, "sampler": config.sampler, "average_last": config.average_last,
+                  "start": config.start}
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "average_last" not in overrides or overrides["average_last"] is None:
             values["average_last"] = min(values["average_last"], values["num_steps"])

@@ -200,7 +200,8 @@ class DiffusionUNet(nn.Module):
         return p_sample_loop(self.denoise, image, self.schedule(settings.num_steps), self.num_classes,
                              sampler=settings.sampler, prediction=self.config.prediction, generator=generator,
                              noise=noise, mirrors=mirrors, average_last=settings.average_last, chains=chains,
-                             mirror_batch=mirror_batch, on_step=on_step, self_condition=self.config.self_condition)
+                             mirror_batch=mirror_batch, on_step=on_step, self_condition=self.config.self_condition,
+                             start=settings.start)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """nn.Module's, after checking and removing a released model's weights digest (``release.py``): every

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="m: the output is the mean probability of the last m steps' x0_hat (default: all K' steps, "
                         "measured best in the prediction study; 1 = the last step's logits, the paper and nnU-Net's "
                         "own validation)")
+    g.add_argument("--start", choices=["noise", "zeros"], default=None,
+                   help="what the chain starts from at the noisiest level: noise, x_K ~ N(0, I) (the paper), or "
+                        "zeros, the mean of that noise (x_K carries no information about the mask there); later "
+                        "steps draw the same noise either way (default: the trainer's setting)")
     g.add_argument("--save-steps", action="store_true",
                    help="also write the segmentation of every step's x0_hat: CASE_step{K}..CASE_step1 (step K is "
                         "the first call, from pure noise)")
@@ -144,6 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                        allow_tqdm=not args.disable_progress_bar, steps=args.steps,
                                        sampler=args.sampler, seed=args.seed, num_samples=args.num_samples,
                                        uncertainty=args.uncertainty, average_last=args.average_last,
+                                       start=args.start,
                                        save_steps=args.save_steps, tta="off" if args.disable_tta else args.tta,
                                        mirror_batch=args.mirror_batch)
         for f in folds:

@@ -70,6 +70,7 @@ class DiffusionPredictor(nnUNetPredictor):
         because the network is conditioned on base levels.
     sampler: "ddpm" or "ddim" (None: the trained sampler).
     average_last: m, the output is the mean probability of the last m steps' x0_hat (None: the trained m).
+    start: "noise" or "zeros", what the chain starts from at level K (None: the trainer's setting).
     seed: the noise of sample i of fold f is the voxel-attached noise field of seed + i + 7919 f.
     num_samples: independent chains per tile and fold; the prediction is their mean probability.
     uncertainty: also compute predictive entropy and mutual information per voxel, over all samples of all folds.
@@ -87,19 +88,21 @@ class DiffusionPredictor(nnUNetPredictor):
     """
 
     def __init__(self, *args, steps: Optional[int] = None, sampler: Optional[str] = None,
-                 average_last: Optional[int] = None, seed: int = 0, num_samples: int = 1,
+                 average_last: Optional[int] = None, start: Optional[str] = None, seed: int = 0,
+                 num_samples: int = 1,
                  uncertainty: bool = False, save_steps: bool = False, tta: str = "full",
                  tile_consistent_noise: bool = True, mirror_batch: Optional[int] = None, **kwargs):
         super().__init__(*args, **kwargs)
         # validated now (the trained values fill the gaps at initialisation)
-        SamplingSettings(num_steps=steps or 1001, sampler=sampler or "ddpm", average_last=average_last or 1)
+        SamplingSettings(num_steps=steps or 1001, sampler=sampler or "ddpm", average_last=average_last or 1,
+                         start=start or "noise")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
         if tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self._requested = dict(num_steps=steps, sampler=sampler, average_last=average_last)
+        self._requested = dict(num_steps=steps, sampler=sampler, average_last=average_last, start=start)
         self.sampling: Optional[SamplingSettings] = None
         self.seed, self.num_samples, self.uncertainty, self.tta = seed, num_samples, uncertainty, tta
         self.save_steps = save_steps

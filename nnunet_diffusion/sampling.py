@@ -198,11 +198,13 @@ def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule
                   chains: Optional[Sequence[Tuple[int, ...]]] = None,
                   mirror_batch: Optional[int] = None,
                   on_step: Optional[StepHook] = None,
-                  self_condition: bool = False) -> NetworkOutput:
+                  self_condition: bool = False,
+                  start: str = "noise") -> NetworkOutput:
     """Run the K-step chain and return the segmentation logits (the only loop over sampling steps).
 
     Recipe (METHOD.md section 4):
-      1. x_K ~ N(0, I), shape ``(B, num_classes, *spatial)``.
+      1. x_K ~ N(0, I), shape ``(B, num_classes, *spatial)`` (``start="zeros"``: x_K = 0, the draw is still
+         made, so every later step gets the same noise as with ``"noise"``).
       2. for k = K ... 1: logits = net(image, x_k, t_k); x0_hat = 2 softmax(logits) - 1;
          if k > 1: x_{k-1} = c0_k x0_hat + ct_k x_k + sqrt(beta_tilde_k) z   (DDPM)
                    x_{k-1} = sqrt(abar_{k-1}) x0_hat + sqrt(1 - abar_{k-1}) eps_hat   (DDIM, eta = 0)
@@ -233,6 +235,8 @@ def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule
     average_last = min(average_last, K)
     if chains is not None and mirrors is not None:
         raise ValueError("give either mirrors (per step) or chains (per chain), not both")
+    if start not in ("noise", "zeros"):
+        raise ValueError(f"start must be 'noise' or 'zeros', got {start!r}")
     groups = MirroredGroups(mirror_batch)
     G = len(chains) if chains else 1
     if mirrors is None or callable(mirrors):
@@ -250,6 +254,8 @@ def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule
     if G > 1:
         image = image.repeat(G, *([1] * (image.ndim - 1)))
     xt = draw()
+    if start == "zeros":
+        xt = torch.zeros_like(xt)
     previous = torch.zeros_like(xt) if self_condition else None  # self-conditioning: the last x0_hat
     kept: List[NetworkOutput] = []
     for j, k in enumerate(range(K, 0, -1)):

@@ -278,7 +278,7 @@ def read_checkpoint(filename: str) -> dict:
 INITIALISATION_ONLY = frozenset({"zero_init_mask_input"})
 # settings that only decide what the trained network's chain returns (never used in training): the loading
 # trainer's value applies, as nnUNetv2_predict_diffusion --average-last overrides it too
-OUTPUT_ONLY = frozenset({"average_last"})
+OUTPUT_ONLY = frozenset({"average_last", "start"})
 NOT_REFUSED = INITIALISATION_ONLY | OUTPUT_ONLY  # a checkpoint may differ from its trainer in these
 
 

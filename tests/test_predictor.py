@@ -194,6 +194,25 @@ def test_certain_identical_samples_give_zero_mutual_information(trained):
     assert mi.abs().max() < 1e-6 and entropy_map.max() < 1e-6
 
 
+@pytest.mark.parametrize("start", [None, "zeros"])
+def test_start_option_reaches_the_chain(trained, start):
+    """DiffusionPredictor(start=...) (nnUNetv2_predict_diffusion --start) decides x_K of every tile's chain; None
+    keeps the trainer's setting (noise for this model)."""
+    p = _predictor(trained, tta="off", start=start)
+    assert p.sampling.start == (start or "noise")
+    net = p.diffusion_network
+    first_inputs, denoise = {}, net.denoise
+
+    def record(image, xt, t):
+        if int(t[0]) == 1000:
+            first_inputs.setdefault("xt", xt.clone())
+        return denoise(image, xt, t)
+
+    net.denoise = record
+    p.predict_sliding_window_return_logits(torch.randn(1, 30, 30, 24))
+    assert (first_inputs["xt"].abs().max() == 0) == (start == "zeros")
+
+
 def _predict(env, trained_3d, inp, out, *extra):
     return run([f"{BIN}/nnUNetv2_predict_diffusion", "-i", str(inp), "-o", str(out), "-d", "990", "-c",
                 "3d_fullres", "-f", "0", "-tr", "DiffusionTrainer_2ep3it", "-device", "cpu", *extra], env=env)

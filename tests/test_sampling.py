@@ -172,6 +172,41 @@ def test_average_last_is_the_mean_of_the_recorded_step_probabilities():
         assert not torch.allclose(torch.softmax(avg, 1), torch.softmax(last, 1))
 
 
+def test_zeros_start_feeds_zeros_first_and_keeps_the_later_noise():
+    """start="zeros": the first call sees x_K = 0; the starting draw is still consumed, so each later step adds the
+    same noise as with start="noise" (paired), and the chains differ exactly by the x_K term of the posterior."""
+    s = Schedule.resampled(5)
+    logits = torch.randn(1, 2, 3, 3)
+
+    def recorder(seen):
+        def fn(image, xt, t):  # ignores x_t, so x0_hat is the same in both chains
+            seen.append(xt.clone())
+            return logits
+        return fn
+
+    noise = [torch.randn(1, 2, 3, 3) for _ in range(5)]
+    from_noise, from_zeros = [], []
+    p_sample_loop(recorder(from_noise), torch.zeros(1, 1, 3, 3), s, 2, noise=noise)
+    p_sample_loop(recorder(from_zeros), torch.zeros(1, 1, 3, 3), s, 2, noise=noise, start="zeros")
+    assert torch.equal(from_noise[0], noise[0]) and torch.equal(from_zeros[0], torch.zeros(1, 2, 3, 3))
+    # x_{K-1} = c0 x0_hat + ct x_K + sigma z: the chains differ by ct_K * noise[0] only, so z is the same draw
+    torch.testing.assert_close(from_noise[1] - from_zeros[1], float(s.posterior_coef_xt[4]) * noise[0])
+    with pytest.raises(ValueError, match="start"):
+        p_sample_loop(recorder([]), torch.zeros(1, 1, 3, 3), s, 2, noise=noise, start="mean")
+
+
+def test_sampling_settings_carry_the_start():
+    from dataclasses import replace
+
+    from nnunet_diffusion.config import DiffusionConfig
+    cfg = replace(DiffusionConfig(), start="zeros")
+    assert SamplingSettings.from_config(cfg).start == "zeros"
+    assert SamplingSettings.from_config(cfg, start="noise").start == "noise"
+    assert SamplingSettings.from_config(DiffusionConfig()).start == "noise"
+    with pytest.raises(ValueError, match="start"):
+        DiffusionConfig(start="ones")
+
+
 def test_mirrored_groups_fall_back_when_memory_runs_out():
     """A network that fails on batches larger than 2 with CUDA's out-of-memory message: the groups per call are
     halved (8 -> 4 -> 2) and the outputs equal one call per mirroring; other errors are not swallowed."""
