@@ -67,6 +67,9 @@ class DiffusionConfig:
         (alpha_bar_K ~ 4e-5), so the best prediction from it does not depend on it; zeros remove the variance a
         random draw adds to the chain's first estimate. Later steps still draw their noise (DDPM), the same
         draws as with ``"noise"`` (the starting draw is made and discarded), so the two are paired.
+    zero_noisiest_input: training: at the noisiest level K the network's x_t input is zeros instead of the ground
+        truth (or recycled estimate) noised to alpha_bar_K (pure noise), in the supervised and the recycle pass:
+        the input the chain's first step gets with ``start = "zeros"``, so that step is trained as it is used.
 
     The defaults are the paper's configuration; ``DiffusionTrainer`` may use another (see trainer.py).
     """
@@ -89,6 +92,7 @@ class DiffusionConfig:
     self_condition: bool = False
     noisiest_share: Optional[float] = None
     start: str = "noise"
+    zero_noisiest_input: bool = False
 
     def __post_init__(self) -> None:
         _check_int("num_steps", self.num_steps, self.num_base_levels)

@@ -77,10 +77,17 @@ def recycle_levels(k: torch.Tensor, num_steps: int, source: str) -> torch.Tensor
     raise ValueError(f"recycle source must be 'next' or 'noise', got {source!r}")
 
 
+def zero_at_noisiest(x: torch.Tensor, k: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """``x`` with the samples at level k = K set to zeros (the chain's start with ``start = "zeros"``)."""
+    at_k = (k == num_steps).view(-1, *([1] * (x.ndim - 1)))
+    return torch.where(at_k, torch.zeros_like(x), x)
+
+
 def make_noisy_mask(denoise_fn: Callable, image: torch.Tensor, x0: torch.Tensor, schedule: Schedule,
                     *, recycle: bool, prediction: str = "x0", k: Optional[torch.Tensor] = None,
                     generator: Optional[torch.Generator] = None, recycle_source: str = "next",
-                    supervise_recycle: bool = False, noisiest_share: Optional[float] = None) -> NoisyBatch:
+                    supervise_recycle: bool = False, noisiest_share: Optional[float] = None,
+                    zero_noisiest_input: bool = False) -> NoisyBatch:
     """Build the noisy mask x_t the supervised pass is trained on.
 
     Recipe (paper eq. 8-9):
@@ -91,6 +98,7 @@ def make_noisy_mask(denoise_fn: Callable, image: torch.Tensor, x0: torch.Tensor,
          x0_hat' = 2 softmax(net(image, x_{k'}, t_{k'})) - 1, without gradient into x_t;
          x_t = sqrt(abar_k) x0_hat' + sqrt(1 - abar_k) eps2, eps2 fresh noise.
 
+    ``zero_noisiest_input``: x_k' and x_t of the samples at level K are zeros instead (the chain's zero start).
     ``denoise_fn(image, xt, t)`` returns a tensor or a list per scale (element 0 used here). With
     ``supervise_recycle`` it is called with gradient enabled and its output is kept in ``recycled`` for a
     loss; x0_hat' is detached either way.
@@ -104,6 +112,8 @@ def make_noisy_mask(denoise_fn: Callable, image: torch.Tensor, x0: torch.Tensor,
         k_next = recycle_levels(k, K, recycle_source)
         eps1 = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_next = schedule.q_sample(x0, k_next, eps1)
+        if zero_noisiest_input:
+            x_next = zero_at_noisiest(x_next, k_next, K)
         t_next = schedule.timesteps_of(k_next)
         with torch.set_grad_enabled(supervise_recycle and torch.is_grad_enabled()):
             out = denoise_fn(image, x_next, t_next)
@@ -113,6 +123,8 @@ def make_noisy_mask(denoise_fn: Callable, image: torch.Tensor, x0: torch.Tensor,
             recycled = RecyclePass(NoisyBatch(xt=x_next, k=k_next, t=t_next, eps=eps1), out)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     xt = schedule.q_sample(source, k, eps)
+    if zero_noisiest_input:
+        xt = zero_at_noisiest(xt, k, K)
     return NoisyBatch(xt=xt, k=k, t=schedule.timesteps_of(k), eps=eps, recycled=recycled)
 
 

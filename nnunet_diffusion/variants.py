@@ -20,7 +20,7 @@ __all__ = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTr
            "DiffusionTrainer_supervisedRecycleFromNoise", "DiffusionTrainer_chainMean",
            "DiffusionTrainer_zeroInitMaskInput", "DiffusionTrainer_ema",
            "DiffusionTrainer_selfCondition", "DiffusionTrainer_zeroInitChainMeanEma",
-           "DiffusionTrainer_noisiestHalf", "DiffusionTrainer_defaultSelfCondition"]
+           "DiffusionTrainer_noisiestHalf", "DiffusionTrainer_defaultSelfCondition", "DiffusionTrainer_zeroStart"]
 
 PAPER = DiffusionConfig()
 
@@ -89,6 +89,14 @@ class DiffusionTrainer_defaultSelfCondition(DiffusionTrainer):
     self-conditioning (``DiffusionTrainer_selfCondition`` adds it to the paper's settings instead); the zero
     initialisation covers the estimate's C input channels too, so the untrained network sees only the image."""
     diffusion = replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion, self_condition=True)
+
+
+class DiffusionTrainer_zeroStart(DiffusionTrainer):
+    """The settings of ``DiffusionTrainer_zeroInitChainMeanEma`` (the default since 2026-11-29), with the chain
+    starting from x_K = 0 (the mean of the noise it would draw: at level K it says nothing about the mask) and
+    the noisiest training level seeing that same zero input (in the supervised and the recycle pass), so the
+    chain's first step, which sets the segmentation, is a deterministic prediction from the image."""
+    diffusion = replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion, start="zeros", zero_noisiest_input=True)
 
 
 class DiffusionTrainer_noRecycle(DiffusionTrainer):

@@ -138,3 +138,64 @@ def test_noisiest_share_is_validated_and_refused_across_checkpoints():
     old = {k: v for k, v in DiffusionTrainer.diffusion.to_dict().items() if k != "noisiest_share"}
     check_diffusion_settings({"diffusion": old}, DiffusionTrainer.diffusion, "x")
     assert replace(DiffusionTrainer.diffusion, noisiest_share=0.5) == DiffusionTrainer_noisiestHalf.diffusion
+
+
+def test_zero_noisiest_input_zeroes_level_k_in_both_passes():
+    """``zero_noisiest_input``: the samples at level K get x_t = 0 in the recycle pass (k' = K) and in the supervised
+    pass (k = K); the other samples are exactly what the flag-less recipe builds from the same draws."""
+    s = Schedule.resampled(5)
+    x0 = encode_mask(torch.randint(0, 3, (3, 1, 4, 4)), 3)
+    k = torch.tensor([3, 4, 5])  # recycle levels 4, 5, 5
+    pred = torch.randn(3, 3, 4, 4)
+
+    def run(flag):
+        seen = {}
+
+        def net(image, xt, t):
+            seen["xt"] = xt.clone()
+            return pred
+        noisy = make_noisy_mask(net, torch.zeros(3, 1, 4, 4), x0, s, recycle=True, k=k, zero_noisiest_input=flag,
+                                generator=torch.Generator().manual_seed(7))
+        return seen["xt"], noisy.xt
+
+    recycle_in, xt = run(True)
+    recycle_ref, xt_ref = run(False)
+    assert recycle_in[1:].abs().max() == 0 and recycle_ref[1:].abs().max() > 0  # k' = K for samples 1 and 2
+    torch.testing.assert_close(recycle_in[0], recycle_ref[0])
+    assert xt[2].abs().max() == 0 and xt_ref[2].abs().max() > 0  # k = K for sample 2
+    torch.testing.assert_close(xt[:2], xt_ref[:2])
+
+
+def test_zero_start_trainer_trains_level_k_on_zeros(make_trainer):
+    """Through nnU-Net's initialised trainer: ``DiffusionTrainer_zeroStart`` is the default's settings with the zero
+    start at inference and in training, its samples at level K see x_t = 0; the default's do not."""
+    from nnunet_diffusion.variants import DiffusionTrainer_zeroInitChainMeanEma, DiffusionTrainer_zeroStart
+    assert DiffusionTrainer_zeroStart.diffusion == replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion,
+                                                           start="zeros", zero_noisiest_input=True)
+
+    def level_k_inputs(name):
+        tr = make_trainer(f"{name}_1ep1it")
+        batch = next(tr.dataloader_train)
+        torch.manual_seed(0)
+        K = tr.diffusion_network.training_schedule.num_steps
+        with torch.no_grad():
+            batches = [tr.make_noisy_batch(batch["data"], batch["target"]) for _ in range(6)]
+        return torch.cat([b.xt[b.k == K].flatten() for b in batches])
+
+    zero, default = level_k_inputs("DiffusionTrainer_zeroStart"), level_k_inputs("DiffusionTrainer")
+    assert zero.numel() > 0 and zero.abs().max() == 0
+    assert default.numel() > 0 and default.abs().max() > 0
+
+
+def test_zero_start_settings_refused_only_where_training_differs():
+    """``zero_noisiest_input`` changes what training produced: refused across checkpoints; ``start`` only changes
+    the chain's output (like ``average_last``): a checkpoint trained with either start loads; a checkpoint written
+    before the fields existed had the noise start."""
+    from nnunet_diffusion.variants import DiffusionTrainer_zeroStart
+    zero = DiffusionTrainer_zeroStart.diffusion
+    with pytest.raises(ValueError, match="zero_noisiest_input"):
+        check_diffusion_settings({"diffusion": zero.to_dict()}, DiffusionTrainer.diffusion, "x")
+    check_diffusion_settings({"diffusion": replace(zero, zero_noisiest_input=False).to_dict()},
+                             DiffusionTrainer.diffusion, "x")
+    old = {k: v for k, v in DiffusionTrainer.diffusion.to_dict().items() if k not in ("start", "zero_noisiest_input")}
+    assert DiffusionConfig.from_dict(old) == DiffusionTrainer.diffusion
