@@ -98,7 +98,10 @@ def main(argv=None) -> int:
                     help="a prediction folder of the same model written elsewhere (scored as one more row)")
     args = ap.parse_args(argv)
     for s in args.settings:
-        setting_args(s)
+        try:
+            setting_args(s)
+        except ValueError as e:
+            ap.error(str(e))
     reference = args.reference or args.settings[0]
     if reference not in args.settings:
         ap.error(f"--reference {reference!r} is not among --settings")
