@@ -135,13 +135,13 @@ def test_ensemble_with_stock_and_uncertainty_report(env, trained_3d, trained_sto
     for case in ("case_003", "case_007"):
         shutil.copy(os.path.join(env["raw"], "imagesTr", f"{case}_0000.nii.gz"), inp)
         shutil.copy(os.path.join(env["raw"], "labelsTr", f"{case}.nii.gz"), gt)
-    common = ["-i", str(inp), "-d", "990", "-c", "3d_fullres", "-f", "0", "-device", "cpu", "--save_probabilities",
-              "-npp", "1", "-nps", "1"]
+    common = ["-i", str(inp), "-d", "990", "-c", "3d_fullres", "-f", "0", "-device", "cpu", "--save_probabilities"]
     diff, stock, ens = tmp_path / "diffusion", tmp_path / "stock", tmp_path / "ensemble"
     run([f"{BIN}/nnUNetv2_predict_diffusion", *common, "-o", str(diff), "-tr", TR, "--num-samples", "2",
-         "--uncertainty", "--tta", "off"], env=env)
-    run([f"{BIN}/nnUNetv2_predict", *common, "-o", str(stock), "-tr", "nnUNetTrainer_2ep3it", "--disable_tta"],
-        env=env)
+         "--uncertainty", "--tta", "off", "-npp", "1", "-nps", "1"], env=env)  # the maps need export workers
+    # stock in nnU-Net's sequential mode (-npp/-nps 0): no worker processes to start
+    run([f"{BIN}/nnUNetv2_predict", *common, "-o", str(stock), "-tr", "nnUNetTrainer_2ep3it", "--disable_tta",
+         "-npp", "0", "-nps", "0"], env=env)
     run([f"{BIN}/nnUNetv2_ensemble", "-i", str(diff), str(stock), "-o", str(ens), "-np", "1"], env=env)
     for case in ("case_003", "case_007"):
         p = (np.load(diff / f"{case}.npz")["probabilities"] + np.load(stock / f"{case}.npz")["probabilities"]) / 2

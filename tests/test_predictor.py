@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import BIN, run
+from conftest import BIN, DATASET, TR, run
 from nnunet_diffusion.noise import linear_index
 from nnunet_diffusion.predictor import DiffusionPredictor
 
@@ -218,6 +218,27 @@ def _predict(env, trained_3d, inp, out, *extra):
                 "3d_fullres", "-f", "0", "-tr", "DiffusionTrainer_2ep3it", "-device", "cpu", *extra], env=env)
 
 
+@pytest.fixture
+def predict_main(inproc, trained_3d, monkeypatch):
+    """``nnUNetv2_predict_diffusion`` as ``predict_cli.main`` in this process (the installed command runs that same
+    function): the tests of its options and defaults without an interpreter start-up per call. nnU-Net reads
+    nnUNet_results when first imported, so the model folder's root is set where the command looks it up."""
+    import nnunetv2.utilities.file_path_utilities as paths
+
+    from nnunet_diffusion.predict_cli import main
+    monkeypatch.setattr(paths, "nnUNet_results", inproc["nnUNet_results"])
+    threads = torch.get_num_threads()
+
+    def predict(inp, out, *extra):
+        try:  # the command sets torch's threads for the CPU: give this process its own back
+            rc = main(["-i", str(inp), "-o", str(out), "-d", DATASET, "-c", "3d_fullres", "-f", "0", "-tr", TR,
+                       "-device", "cpu", "--disable_progress_bar", *extra])
+        finally:
+            torch.set_num_threads(threads)
+        assert rc == 0
+    return predict
+
+
 @pytest.fixture(scope="module")
 def inputs(env, tmp_path_factory):
     inp = tmp_path_factory.mktemp("in")
@@ -231,13 +252,14 @@ def _arrays(folder):
             for f in sorted(glob.glob(os.path.join(folder, "*.nii.gz")))}
 
 
-def test_seeded_prediction_is_bit_identical_and_seed_dependent(env, trained_3d, inputs, tmp_path):
-    """The same seed gives the same files whatever the process layout (nnU-Net's sequential mode, -npp/-nps 0,
-    against 2 preprocessing and 2 export workers); another seed gives other probabilities."""
+def test_seeded_prediction_is_bit_identical_and_seed_dependent(env, trained_3d, inputs, predict_main, tmp_path):
+    """The same seed gives the same files whatever the process layout (nnU-Net's sequential mode, -npp/-nps 0, in
+    this process, against the installed command with 2 preprocessing and 2 export workers); another seed gives
+    other probabilities."""
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    _predict(env, trained_3d, inputs, a, "--seed", "3", "--save_probabilities", "-npp", "0", "-nps", "0")
+    predict_main(inputs, a, "--seed", "3", "--save_probabilities", "-npp", "0", "-nps", "0")
     _predict(env, trained_3d, inputs, b, "--seed", "3", "--save_probabilities", "-npp", "2", "-nps", "2")
-    _predict(env, trained_3d, inputs, c, "--seed", "4", "--save_probabilities", "-npp", "0", "-nps", "0")
+    predict_main(inputs, c, "--seed", "4", "--save_probabilities", "-npp", "0", "-nps", "0")
     for name in ("case_003.nii.gz", "case_007.nii.gz"):
         assert open(a / name, "rb").read() == open(b / name, "rb").read()
     for case in ("case_003", "case_007"):
@@ -246,7 +268,7 @@ def test_seeded_prediction_is_bit_identical_and_seed_dependent(env, trained_3d, 
         assert not np.array_equal(pa, np.load(c / f"{case}.npz")["probabilities"])
 
 
-def test_default_is_one_mirroring_per_step_and_the_mean_of_all_steps(env, trained_3d, inputs, tmp_path):
+def test_default_is_one_mirroring_per_step_and_the_mean_of_all_steps(inputs, predict_main, tmp_path):
     """The measured default of nnUNetv2_predict_diffusion (README, prediction study): --tta chain with the mean
     probability of all K steps; it differs from the last step's output (--average-last 1) and from no
     mirroring (--tta off)."""
@@ -255,7 +277,7 @@ def test_default_is_one_mirroring_per_step_and_the_mean_of_all_steps(env, traine
     probs = {}
     for name, extra in runs.items():
         # sequential mode (-npp/-nps 0): no worker processes to start, same files (seeded test above)
-        _predict(env, trained_3d, inputs, tmp_path / name, "--save_probabilities", "-npp", "0", "-nps", "0", *extra)
+        predict_main(inputs, tmp_path / name, "--save_probabilities", "-npp", "0", "-nps", "0", *extra)
         probs[name] = np.load(tmp_path / name / "case_003.npz")["probabilities"]
     assert np.array_equal(probs["default"], probs["explicit"])
     assert not np.allclose(probs["default"], probs["last"], atol=1e-4)

@@ -118,7 +118,7 @@ def test_ablation_trains_validates_and_predicts_with_stock_commands(env, variant
     inp.mkdir()
     shutil.copy(os.path.join(env["raw"], "imagesTr", "case_003_0000.nii.gz"), inp)
     run([f"{BIN}/nnUNetv2_predict", "-i", str(inp), "-o", str(tmp_path / "out"), "-d", "990", "-c", config,
-         "-f", "0", "-tr", tr, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env=env)
+         "-f", "0", "-tr", tr, "-device", "cpu", "--disable_tta", "-npp", "0", "-nps", "0"], env=env)  # sequential
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "case_003.nii.gz")))
     assert seg.shape == (20, 24, 20) and set(np.unique(seg)) <= {0, 1, 2}
 
