@@ -13,12 +13,34 @@ FIND = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_clas
         "print('FOUND', c.__module__, c.__name__, c.__mro__[1].__name__)\n")
 
 
-def _find(name, ext):
+def _start(name, ext):
     env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
     if ext is not None:
         env["nnUNet_extTrainer"] = ext
-    return subprocess.run([sys.executable, "-c", FIND, name], env=env, capture_output=True, text=True,
-                          cwd=os.path.expanduser("~"))
+    return subprocess.Popen([sys.executable, "-c", FIND, name], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=os.path.expanduser("~"))
+
+
+CLEAN_LOOKUPS = [
+    ("DiffusionTrainer", "nnunet_diffusion.trainer", "nnUNetTrainer"),
+    ("DiffusionTrainer_noRecycle", "nnunet_diffusion.variants", "DiffusionTrainer"),
+    ("DiffusionTrainer_3ep7it", "nnunet_diffusion.budget", "DiffusionTrainer"),
+    ("nnUNetTrainer_3ep7it", "nnunet_diffusion.budget", "nnUNetTrainer"),
+]
+
+
+@pytest.fixture(scope="module")
+def lookups():
+    """Every lookup of this file, each in its own clean process, all started at once (their interpreter start-ups
+    overlap instead of running one after another): {name or None (no nnUNet_extTrainer): (returncode, stdout,
+    stderr)}."""
+    procs = {name: _start(name, trainers_path()) for name, _, _ in CLEAN_LOOKUPS}
+    procs[None] = _start("DiffusionTrainer", None)
+    results = {}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=600)
+        results[name] = (p.returncode, stdout, stderr)
+    return results
 
 
 def test_trainers_path_is_a_folder_of_thin_trainer_modules():
@@ -40,22 +62,17 @@ def test_cli_prints_the_path():
     assert out == trainers_path()
 
 
-@pytest.mark.parametrize("name,module,parent", [
-    ("DiffusionTrainer", "nnunet_diffusion.trainer", "nnUNetTrainer"),
-    ("DiffusionTrainer_noRecycle", "nnunet_diffusion.variants", "DiffusionTrainer"),
-    ("DiffusionTrainer_3ep7it", "nnunet_diffusion.budget", "DiffusionTrainer"),
-    ("nnUNetTrainer_3ep7it", "nnunet_diffusion.budget", "nnUNetTrainer"),
-])
-def test_discovery_from_clean_process(name, module, parent):
-    proc = _find(name, trainers_path())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"FOUND {module} {name} {parent}" in proc.stdout
+@pytest.mark.parametrize("name,module,parent", CLEAN_LOOKUPS)
+def test_discovery_from_clean_process(lookups, name, module, parent):
+    returncode, stdout, stderr = lookups[name]
+    assert returncode == 0, stderr[-3000:]
+    assert f"FOUND {module} {name} {parent}" in stdout
 
 
-def test_missing_variable_fails():
-    proc = _find("DiffusionTrainer", None)
-    assert proc.returncode != 0
-    assert "Could not find requested nnunet trainer DiffusionTrainer" in proc.stderr
+def test_missing_variable_fails(lookups):
+    returncode, stdout, stderr = lookups[None]
+    assert returncode != 0
+    assert "Could not find requested nnunet trainer DiffusionTrainer" in stderr
 
 
 def test_budget_trainer_settings():
