@@ -133,8 +133,8 @@ class SamplingSettings:
     """How one prediction samples (inference only; the weights do not depend on it).
 
     num_steps: K' levels of the chain; sampler: "ddpm" or "ddim"; average_last: output = mean softmax of the
-    last m steps' x0_hat; start: "noise" or "zeros" (x_K, see DiffusionConfig); seed: noise seed of the generator used when no noise is passed in (None: torch's
-    global RNG).
+    last m steps' x0_hat; start: "noise" or "zeros" (x_K, see DiffusionConfig); seed: noise seed of the generator
+    used when no noise is passed in (None: torch's global RNG).
     """
 
     num_steps: int

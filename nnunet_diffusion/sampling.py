@@ -10,6 +10,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from nnunet_diffusion.config import STARTS, _check_choice
 from nnunet_diffusion.schedule import Schedule
 
 NetworkOutput = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -235,8 +236,7 @@ def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule
     average_last = min(average_last, K)
     if chains is not None and mirrors is not None:
         raise ValueError("give either mirrors (per step) or chains (per chain), not both")
-    if start not in ("noise", "zeros"):
-        raise ValueError(f"start must be 'noise' or 'zeros', got {start!r}")
+    _check_choice("start", start, STARTS)
     groups = MirroredGroups(mirror_batch)
     G = len(chains) if chains else 1
     if mirrors is None or callable(mirrors):
