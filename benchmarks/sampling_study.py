@@ -34,9 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from accuracy_protocol import CONFIG, DATASET, DATASET_ID, _paired, bin_, run_mean, val_images  # noqa: E402
 from prediction_study import predict  # noqa: E402
 
+from nnunet_diffusion.config import SAMPLERS, STARTS  # noqa: E402
+
 TTAS = ("full", "final", "chain", "off")
-STARTS = ("noise", "zeros")
-SAMPLERS = ("ddpm", "ddim")
 
 
 def setting_args(setting: str) -> List[str]:
@@ -127,8 +127,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"{args.accuracy} records no nnUNetTrainer run")
     result_path = os.path.join(out, "sampling.json")
     result = json.load(open(result_path)) if os.path.isfile(result_path) else {}
+    folders = {s: os.path.join(study, s.replace(":", "_")) for s in args.settings}
+    if "machine" not in result or not all(os.path.isfile(os.path.join(f, "done")) for f in folders.values()):
+        result["machine"] = machine_info(args.device)  # a rerun that only re-scores keeps the predictions' machine
     result.update({"dataset": DATASET, "configuration": CONFIG, "fold": args.fold, "num_cases": len(cases),
-                   "trainer": args.trainer, "device": args.device, "machine": machine_info(args.device),
+                   "trainer": args.trainer, "device": args.device,
                    "reference": reference, "accuracy": os.path.relpath(args.accuracy) if args.accuracy else None,
                    "command": "python benchmarks/sampling_study.py " + " ".join(argv or sys.argv[1:])})
     rows = result.setdefault("rows", {})
@@ -136,8 +139,7 @@ def main(argv=None) -> int:
     def dice_of(folder: str) -> Dict[str, float]:
         return {c: v["case"]["dice"] for c, v in evaluate_folders(gt, folder)["cases"].items()}
 
-    for s in args.settings:
-        folder = os.path.join(study, s.replace(":", "_"))
+    for s, folder in folders.items():
         cmd = [bin_("nnUNetv2_predict_diffusion"), *base, *setting_args(s)]
         seconds = predict(cmd, folder, log)
         rows[s] = {"command": " ".join([os.path.basename(cmd[0]), *cmd[1:], "-o", folder]),
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
         rows[s]["dice"] = float(np.mean(list(rows[s]["per_case"].values())))
         print(f"{s}: Dice {rows[s]['dice']:.4f}, {rows[s]['seconds_per_case']:.2f} s/case", flush=True)
     if args.validation_folder:
-        name = "nnU-Net's final validation (full mirroring, noise start)"
+        name = "nnU-Net's final validation (full mirroring, the trainer's start)"
         rows[name] = {"command": None, "folder": os.path.abspath(args.validation_folder),
                       "per_case": dice_of(args.validation_folder)}
         rows[name]["dice"] = float(np.mean(list(rows[name]["per_case"].values())))
