@@ -107,20 +107,26 @@ def test_noisiest_share_draws_level_k_with_that_probability():
     assert sample_levels(10, 1, torch.device("cpu"), g, noisiest_share=0.3).eq(1).all()
 
 
+def _noisy_batches(make_trainer, name, n):
+    """``n`` noisy batches that nnU-Net's initialised trainer ``name`` builds from one training batch (seed 0),
+    and its K."""
+    tr = make_trainer(f"{name}_1ep1it")
+    batch = next(tr.dataloader_train)
+    data = batch["data"].to(tr.device)
+    target = [t.to(tr.device) for t in batch["target"]] if isinstance(batch["target"], list) \
+        else batch["target"].to(tr.device)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        batches = [tr.make_noisy_batch(data, target) for _ in range(n)]
+    return batches, tr.diffusion_network.training_schedule.num_steps
+
+
 def test_noisiest_share_is_what_the_trainer_draws(make_trainer):
     """Through nnU-Net's initialised trainer: ``DiffusionTrainer_noisiestHalf`` trains about half of its samples
     at the noisiest level, the default trainer a fifth."""
     def noisiest_fraction(name):
-        tr = make_trainer(f"{name}_1ep1it")
-        batch = next(tr.dataloader_train)
-        data = batch["data"].to(tr.device)
-        target = [t.to(tr.device) for t in batch["target"]] if isinstance(batch["target"], list) \
-            else batch["target"].to(tr.device)
-        torch.manual_seed(0)
-        K = tr.diffusion_network.training_schedule.num_steps
-        with torch.no_grad():
-            levels = torch.cat([tr.make_noisy_batch(data, target).k for _ in range(50)])
-        return levels.eq(K).float().mean().item()
+        batches, K = _noisy_batches(make_trainer, name, 50)
+        return torch.cat([b.k for b in batches]).eq(K).float().mean().item()
 
     assert 0.35 < noisiest_fraction("DiffusionTrainer_noisiestHalf") < 0.65
     assert noisiest_fraction("DiffusionTrainer") < 0.3
@@ -174,12 +180,7 @@ def test_zero_start_trainer_trains_level_k_on_zeros(make_trainer):
                                                            start="zeros", zero_noisiest_input=True)
 
     def level_k_inputs(name):
-        tr = make_trainer(f"{name}_1ep1it")
-        batch = next(tr.dataloader_train)
-        torch.manual_seed(0)
-        K = tr.diffusion_network.training_schedule.num_steps
-        with torch.no_grad():
-            batches = [tr.make_noisy_batch(batch["data"], batch["target"]) for _ in range(6)]
+        batches, K = _noisy_batches(make_trainer, name, 6)
         return torch.cat([b.xt[b.k == K].flatten() for b in batches])
 
     zero, default = level_k_inputs("DiffusionTrainer_zeroStart"), level_k_inputs("DiffusionTrainer")
