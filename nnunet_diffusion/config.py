@@ -8,7 +8,7 @@ from nnunet_diffusion.schedule import BETA_END, BETA_START, NUM_BASE_LEVELS, Sch
 
 PREDICTIONS = ("x0", "eps")
 SAMPLERS = ("ddpm", "ddim")
-RECYCLE_SOURCES = ("next", "noise")
+RECYCLE_SOURCES = ("next", "noise", "chain")
 STARTS = ("noise", "zeros")
 
 
@@ -44,6 +44,10 @@ class DiffusionConfig:
     recycle_source: where the recycle pass starts. ``"next"`` (the paper, eq. 8-9): the ground truth noised
         to the next noisier level k' = min(k + 1, K). ``"noise"``: level K for every sample, i.e. what the
         sampling chain's first step sees (pure noise), so x_t is built from the prediction the chain starts from.
+        ``"chain"``: x_t is the sampling chain's own x_k, run without gradient from x_K through the chain's
+        reverse steps down to the sample's level k (K - k network calls for that sample), so every level is
+        trained on the inputs the chain gives it at inference (no exposure bias; not the paper's). It replaces
+        the single recycle pass, so ``supervise_recycle`` and ``self_condition`` do not combine with it.
     supervise_recycle: the recycle pass is also supervised (Dice + CE, with gradient); its x0_hat is still
         detached before it builds x_t (the stop-gradient of eq. 9). The loss is the mean of the two passes'.
     average_last: m, inference: the segmentation is the mean softmax probability of the x0_hat estimates of
@@ -101,6 +105,9 @@ class DiffusionConfig:
         _check_choice("prediction", self.prediction, PREDICTIONS)
         _check_choice("sampler", self.sampler, SAMPLERS)
         _check_choice("recycle_source", self.recycle_source, RECYCLE_SOURCES)
+        if self.recycle_source == "chain" and (self.supervise_recycle or self.self_condition):
+            raise ValueError("recycle_source 'chain' replaces the recycle pass: it does not combine with "
+                             "supervise_recycle or self_condition")
         _check_choice("start", self.start, STARTS)
         _check_int("average_last", self.average_last, self.num_steps)
         _check_fraction("ema_halflife", self.ema_halflife, "a fraction of the run")

@@ -189,6 +189,21 @@ class MirroredGroups:
         return outputs
 
 
+def reverse_step(schedule: Schedule, x0_hat: torch.Tensor, xt: torch.Tensor, k: int, sampler: str,
+                 draw: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """x_{k-1} from x_k and the step's x0_hat (step 2 of :func:`p_sample_loop`'s recipe), for a level k > 1
+    shared by the batch; ``draw()`` gives the DDPM step's noise z (DDIM draws none)."""
+    if sampler == "ddpm":
+        mean, variance = schedule.q_posterior_mean_variance(x0_hat, xt, k)
+        return mean + variance ** 0.5 * draw()
+    if sampler == "ddim":
+        i = k - 1
+        abar, abar_prev = float(schedule.alpha_bar[i]), float(schedule.alpha_bar_prev[i])
+        eps_hat = (xt - abar ** 0.5 * x0_hat) / (1.0 - abar) ** 0.5
+        return abar_prev ** 0.5 * x0_hat + (1.0 - abar_prev) ** 0.5 * eps_hat
+    raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+
+
 @torch.no_grad()
 def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule, num_classes: int, *,
                   sampler: str = "ddpm", prediction: str = "x0",
@@ -283,13 +298,7 @@ def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule
             kept.append(output)
         if k == 1:
             break
-        if sampler == "ddpm":
-            mean, variance = schedule.q_posterior_mean_variance(x0_hat, xt, k)
-            xt = mean + variance ** 0.5 * draw()
-        else:
-            abar, abar_prev = float(schedule.alpha_bar[i]), float(schedule.alpha_bar_prev[i])
-            eps_hat = (xt - abar ** 0.5 * x0_hat) / (1.0 - abar) ** 0.5
-            xt = abar_prev ** 0.5 * x0_hat + (1.0 - abar_prev) ** 0.5 * eps_hat
+        xt = reverse_step(schedule, x0_hat, xt, k, sampler, draw)
     result = mean_probability_logits(kept)
     if G > 1:
         B = image.shape[0] // G

@@ -107,7 +107,7 @@ class DiffusionTrainer(nnUNetTrainer):
         noisy = make_noisy_mask(recycle_fn, data, x0, self.diffusion_network.training_schedule,
                                 recycle=cfg.recycle, prediction=cfg.prediction, recycle_source=cfg.recycle_source,
                                 supervise_recycle=cfg.supervise_recycle, noisiest_share=cfg.noisiest_share,
-                                zero_noisiest_input=cfg.zero_noisiest_input)
+                                zero_noisiest_input=cfg.zero_noisiest_input, sampler=cfg.sampler)
         if cfg.self_condition:
             noisy.condition = self_condition_input(full_res, data, noisy, cfg.prediction,
                                                    self.diffusion_network.training_schedule)

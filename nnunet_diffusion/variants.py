@@ -20,7 +20,8 @@ __all__ = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTr
            "DiffusionTrainer_supervisedRecycleFromNoise", "DiffusionTrainer_chainMean",
            "DiffusionTrainer_zeroInitMaskInput", "DiffusionTrainer_ema",
            "DiffusionTrainer_selfCondition", "DiffusionTrainer_zeroInitChainMeanEma",
-           "DiffusionTrainer_noisiestHalf", "DiffusionTrainer_defaultSelfCondition", "DiffusionTrainer_zeroStart"]
+           "DiffusionTrainer_noisiestHalf", "DiffusionTrainer_defaultSelfCondition", "DiffusionTrainer_zeroStart",
+           "DiffusionTrainer_chainRecycle"]
 
 PAPER = DiffusionConfig()
 
@@ -97,6 +98,14 @@ class DiffusionTrainer_zeroStart(DiffusionTrainer):
     the noisiest training level seeing that same zero input (in the supervised and the recycle pass), so the
     chain's first step, which sets the segmentation, is a deterministic prediction from the image."""
     diffusion = replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion, start="zeros", zero_noisiest_input=True)
+
+
+class DiffusionTrainer_chainRecycle(DiffusionTrainer):
+    """The settings of ``DiffusionTrainer_zeroInitChainMeanEma`` (the default since 2026-11-29), with every level
+    trained on the sampling chain's own input: x_t is reached by running the chain without gradient from pure
+    noise down to the sample's level (``recycle_source = "chain"``) instead of noising one recycled estimate, so
+    the refinement steps learn to correct the mistakes the chain's earlier steps actually make."""
+    diffusion = replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion, recycle_source="chain")
 
 
 class DiffusionTrainer_noRecycle(DiffusionTrainer):

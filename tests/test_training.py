@@ -200,3 +200,100 @@ def test_zero_start_settings_refused_only_where_training_differs():
                              DiffusionTrainer.diffusion, "x")
     old = {k: v for k, v in DiffusionTrainer.diffusion.to_dict().items() if k not in ("start", "zero_noisiest_input")}
     assert DiffusionConfig.from_dict(old) == DiffusionTrainer.diffusion
+
+
+def _recording_net(net, seen):
+    """``net`` (a tiny DiffusionUNet) as a denoise function that records every call's (t, x_t)."""
+    def call(image, xt, t):
+        seen.append((t.tolist(), xt.clone()))
+        return net(image, xt, t)
+    return call
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_chain_recycle_input_is_the_sampling_chains_own(sampler):
+    """``recycle_source="chain"``: a sample at level k is trained on the x_k that the sampling chain
+    (``p_sample_loop``, same network, same generator) feeds the network at that level, not on a noised estimate."""
+    from nnunet_diffusion.sampling import p_sample_loop
+    net = tiny_diffusion_net(2).eval()
+    s = Schedule.resampled(5)
+    image = torch.randn(2, 1, 8, 8)
+    x0 = encode_mask(torch.randint(0, 3, (2, 1, 8, 8)), 3)
+    chain_seen = []
+    p_sample_loop(_recording_net(net, chain_seen), image, s, 3, sampler=sampler,
+                  generator=torch.Generator().manual_seed(4))
+    for level in (5, 3, 1):
+        train_seen = []
+        noisy = make_noisy_mask(_recording_net(net, train_seen), image, x0, s, recycle=True,
+                                recycle_source="chain", sampler=sampler, k=torch.tensor([level, level]),
+                                generator=torch.Generator().manual_seed(4))
+        torch.testing.assert_close(noisy.xt, chain_seen[5 - level][1])
+        assert [t for t, _ in train_seen] == [t for t, _ in chain_seen[:5 - level]]  # one call per level above k
+        assert noisy.t.tolist() == chain_seen[5 - level][0]
+        abar = s.extract("alpha_bar", noisy.k, 4)
+        torch.testing.assert_close(noisy.xt, abar.sqrt() * x0 + (1 - abar).sqrt() * noisy.eps)
+
+
+def test_chain_recycle_evaluates_only_the_samples_still_descending():
+    """Mixed levels: each step calls the network on the samples above their level only; a level-K sample keeps
+    the starting draw (zeros with ``zero_noisiest_input``), and no call records a gradient."""
+    net = tiny_diffusion_net(2).train()
+    s = Schedule.resampled(5)
+    image = torch.randn(3, 1, 8, 8)
+    x0 = encode_mask(torch.randint(0, 3, (3, 1, 8, 8)), 3)
+    k = torch.tensor([5, 2, 4])
+    seen, grads = [], []
+
+    def net_fn(im, xt, t):
+        grads.append(torch.is_grad_enabled())
+        seen.append((t.tolist(), xt.shape[0]))
+        return net(im, xt, t)
+
+    noisy = make_noisy_mask(net_fn, image, x0, s, recycle=True, recycle_source="chain", k=k,
+                            generator=torch.Generator().manual_seed(1))
+    assert seen == [([1000, 1000], 2), ([750], 1), ([500], 1)] and not any(grads)
+    start = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(noisy.xt[0], start[0])
+    assert not torch.allclose(noisy.xt[1:], start[1:])
+    zero = make_noisy_mask(net_fn, image, x0, s, recycle=True, recycle_source="chain", k=k, zero_noisiest_input=True,
+                           generator=torch.Generator().manual_seed(1))
+    assert zero.xt[0].abs().max() == 0
+
+
+def test_chain_recycle_settings_validated_and_refused_across_checkpoints(make_trainer):
+    """The field is validated, recorded and refused across checkpoints; ``DiffusionTrainer_chainRecycle`` is the
+    default's settings with it, and through nnU-Net's initialised trainer its level-1 inputs come from the chain
+    (several network calls per batch), the default's from one recycle pass."""
+    from nnunet_diffusion.variants import DiffusionTrainer_chainRecycle, DiffusionTrainer_zeroInitChainMeanEma
+    for bad in ({"supervise_recycle": True}, {"self_condition": True}):
+        with pytest.raises(ValueError, match="chain"):
+            DiffusionConfig(recycle_source="chain", **bad)
+    chain = DiffusionTrainer_chainRecycle.diffusion
+    assert chain == replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion, recycle_source="chain")
+    with pytest.raises(ValueError, match="recycle_source"):
+        check_diffusion_settings({"diffusion": chain.to_dict()}, DiffusionTrainer.diffusion, "x")
+
+    def calls_and_levels(name, n=4):
+        tr = make_trainer(f"{name}_1ep1it")
+        batch = next(tr.dataloader_train)
+        data = batch["data"].to(tr.device)
+        target = [t.to(tr.device) for t in batch["target"]]
+        calls, out = [], []
+        hook = tr.diffusion_network.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+        torch.manual_seed(0)
+        try:
+            for _ in range(n):
+                calls.clear()
+                with torch.no_grad():
+                    k = tr.make_noisy_batch(data, target).k
+                out.append((list(calls), k.tolist()))
+        finally:
+            hook.remove()
+        return out, tr.diffusion_network.training_schedule.num_steps
+
+    batches, K = calls_and_levels("DiffusionTrainer_chainRecycle", 8)
+    for calls, k in batches:  # one call per level above the lowest, on the samples above their own level
+        assert calls == [sum(1 for ki in k if ki < level) for level in range(K, min(k), -1)]
+    assert any(len(calls) > 1 for calls, _ in batches)
+    default, _ = calls_and_levels("DiffusionTrainer", 2)
+    assert all(len(calls) == 1 for calls, _ in default)
