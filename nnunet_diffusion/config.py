@@ -74,6 +74,11 @@ class DiffusionConfig:
     zero_noisiest_input: training: at the noisiest level K the network's x_t input is zeros instead of the ground
         truth (or recycled estimate) noised to alpha_bar_K (pure noise), in the supervised and the recycle pass:
         the input the chain's first step gets with ``start = "zeros"``, so that step is trained as it is used.
+    scale_mask_input: the network sees sqrt(abar_t) x_t instead of x_t (training and chain alike): the linear
+        least-squares estimate of x0 from x_t for a unit-variance mask, so an input's size follows what it
+        says about the mask (level 1: x_t unchanged; level K: x 0.006). The noise of the noisy levels then
+        barely reaches the first convolution's features, which the image shares, while the informative levels
+        keep their signal. Not the paper's; the self-conditioning channels are not scaled.
 
     The defaults are the paper's configuration; ``DiffusionTrainer`` may use another (see trainer.py).
     """
@@ -97,6 +102,7 @@ class DiffusionConfig:
     noisiest_share: Optional[float] = None
     start: str = "noise"
     zero_noisiest_input: bool = False
+    scale_mask_input: bool = False
 
     def __post_init__(self) -> None:
         _check_int("num_steps", self.num_steps, self.num_base_levels)

@@ -18,7 +18,7 @@ from torch import nn
 
 from nnunet_diffusion.config import DiffusionConfig, SamplingSettings
 from nnunet_diffusion.sampling import NetworkOutput, StepHook, p_sample_loop
-from nnunet_diffusion.schedule import Schedule
+from nnunet_diffusion.schedule import Schedule, base_alpha_bar
 
 _NORM_TYPES = (nn.modules.instancenorm._InstanceNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
@@ -108,6 +108,15 @@ def zero_mask_input_weights(unet: nn.Module, num_image_channels: int, num_classe
         conv.weight[:, num_image_channels:].zero_()
 
 
+def scale_mask_input(xt: torch.Tensor, t: torch.Tensor, num_classes: int, scale: torch.Tensor) -> torch.Tensor:
+    """x_t's first ``num_classes`` channels times ``scale[t]`` per sample (``DiffusionConfig.scale_mask_input``,
+    ``scale`` = sqrt(abar) per base level); channels after them (self-conditioning's estimate) unchanged."""
+    s = scale.to(xt.device)[t.long()].to(xt.dtype).view(-1, *([1] * (xt.ndim - 1)))
+    if xt.shape[1] == num_classes:
+        return xt * s
+    return torch.cat([xt[:, :num_classes] * s, xt[:, num_classes:]], dim=1)
+
+
 class DiffusionUNet(nn.Module):
     """``network(image, xt, t) -> logits``: one denoising step.
     ``network(image) -> logits``: the whole K-step sampling chain (METHOD.md section 4),
@@ -145,6 +154,10 @@ class DiffusionUNet(nn.Module):
         self.mask_channels = num_classes * (2 if config.self_condition else 1)
         if config.zero_init_mask_input:
             zero_mask_input_weights(unet, num_image_channels, self.mask_channels)
+        # scale_mask_input: sqrt(abar_t) per base level t (a plain attribute, not a buffer: the weights'
+        # state dict stays the same with and without it)
+        self._input_scale = torch.tensor(base_alpha_bar(config.num_base_levels, config.beta_start,
+                                                        config.beta_end), dtype=torch.float64).sqrt().float()
 
     # nnU-Net's set_deep_supervision_enabled reaches network.decoder.deep_supervision
     @property
@@ -181,6 +194,8 @@ class DiffusionUNet(nn.Module):
         if xt.shape[1] != self.mask_channels:
             raise ValueError(f"xt must have {self.mask_channels} channels, got {xt.shape[1]}")
         self._condition(t, image.shape[0])
+        if self.config.scale_mask_input:
+            xt = scale_mask_input(xt, t, self.num_classes, self._input_scale)
         try:
             return self.unet(torch.cat([image, xt.to(image.dtype)], dim=1))
         finally:

@@ -21,7 +21,7 @@ __all__ = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTr
            "DiffusionTrainer_zeroInitMaskInput", "DiffusionTrainer_ema",
            "DiffusionTrainer_selfCondition", "DiffusionTrainer_zeroInitChainMeanEma",
            "DiffusionTrainer_noisiestHalf", "DiffusionTrainer_defaultSelfCondition", "DiffusionTrainer_zeroStart",
-           "DiffusionTrainer_chainRecycle"]
+           "DiffusionTrainer_chainRecycle", "DiffusionTrainer_scaledMaskInput"]
 
 PAPER = DiffusionConfig()
 
@@ -106,6 +106,14 @@ class DiffusionTrainer_chainRecycle(DiffusionTrainer):
     noise down to the sample's level (``recycle_source = "chain"``) instead of noising one recycled estimate, so
     the refinement steps learn to correct the mistakes the chain's earlier steps actually make."""
     diffusion = replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion, recycle_source="chain")
+
+
+class DiffusionTrainer_scaledMaskInput(DiffusionTrainer):
+    """The settings of ``DiffusionTrainer_zeroInitChainMeanEma`` (the default since 2026-11-29), with the noisy
+    mask fed to the network as sqrt(abar_t) x_t (``scale_mask_input``): the noisiest levels' inputs shrink to
+    almost nothing, so their noise stops reaching the features the image shares, while the levels where x_t
+    carries the mask keep it."""
+    diffusion = replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion, scale_mask_input=True)
 
 
 class DiffusionTrainer_noRecycle(DiffusionTrainer):

@@ -166,3 +166,42 @@ def test_network_without_normalisation_layers_is_refused_by_name():
 
     with pytest.raises(ValueError, match="ConvOnly has no normalisation layer"):
         DiffusionUNet(ConvOnly(), 1, 3)
+
+
+def test_scale_mask_input_feeds_sqrt_alpha_bar_times_xt():
+    """``scale_mask_input``: one step of the network equals the unscaled network (same weights) on
+    sqrt(abar_t) x_t, per sample's own t; level K's input is almost gone, level 1's kept; self-conditioning's
+    estimate channels are not scaled."""
+    from dataclasses import replace
+    from nnunet_diffusion.config import DiffusionConfig
+    from nnunet_diffusion.schedule import base_alpha_bar
+    image, xt = _inputs(3)
+    t = torch.tensor([1000, 250])
+    abar = torch.tensor(base_alpha_bar())[t].float().view(2, 1, 1, 1, 1)
+    for config in (DiffusionConfig(), DiffusionConfig(self_condition=True)):
+        plain = tiny_diffusion_net(3, config=config).eval()
+        scaled = tiny_diffusion_net(3, config=replace(config, scale_mask_input=True)).eval()
+        scaled.load_state_dict(plain.state_dict())
+        estimate = torch.randn_like(xt)
+        inp = torch.cat([xt, estimate], 1) if config.self_condition else xt
+        ref = torch.cat([xt * abar.sqrt(), estimate], 1) if config.self_condition else xt * abar.sqrt()
+        with torch.no_grad():
+            torch.testing.assert_close(scaled(image, inp, t), plain(image, ref, t))
+            assert not torch.allclose(scaled(image, inp, t), plain(image, inp, t))
+    assert abar.sqrt()[0].item() < 0.01 and 0.7 < abar.sqrt()[1].item() < 0.75
+    assert set(scaled.state_dict()) == set(plain.state_dict())  # the weights' keys do not change
+
+
+def test_scaled_mask_input_trainer_settings_and_refusal():
+    """``DiffusionTrainer_scaledMaskInput`` is the default's settings with the scaling; checkpoints trained with and
+    without it refuse each other; a checkpoint from before the field reads as unscaled."""
+    from dataclasses import replace
+    from nnunet_diffusion.config import DiffusionConfig
+    from nnunet_diffusion.trainer import DiffusionTrainer, check_diffusion_settings
+    from nnunet_diffusion.variants import DiffusionTrainer_scaledMaskInput, DiffusionTrainer_zeroInitChainMeanEma
+    scaled = DiffusionTrainer_scaledMaskInput.diffusion
+    assert scaled == replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion, scale_mask_input=True)
+    with pytest.raises(ValueError, match="scale_mask_input"):
+        check_diffusion_settings({"diffusion": scaled.to_dict()}, DiffusionTrainer.diffusion, "x")
+    old = {k: v for k, v in DiffusionTrainer.diffusion.to_dict().items() if k != "scale_mask_input"}
+    assert DiffusionConfig.from_dict(old) == DiffusionTrainer.diffusion
