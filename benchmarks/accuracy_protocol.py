@@ -786,13 +786,18 @@ def write_tables(result: Dict, out: str) -> None:
             continue
         run = "" if e is latest else f", training run of {e.get('date', 'an earlier date')}"
         lines += ["", f"## Per-step diagnosis: {e['trainer']} (no mirroring{run})", "",
-                  "| output | Dice |", "|---|---|"]
-        for step, dice in e["steps"].items():
-            lines.append(f"| x0_hat of {step} | {np.mean(list(dice.values())):.4f} |")
+                  "| output | Dice | Δ vs the step before (p) | Δ vs the first step (p) |", "|---|---|---|---|"]
+        steps = list(e["steps"].items())
+        for i, (step, dice) in enumerate(steps):
+            gains = "| – | – |"
+            if i and len(set(dice) & set(steps[0][1])) > 1:
+                before, first = _paired(dice, steps[i - 1][1]), _paired(dice, steps[0][1])
+                gains = f"| {before[2]:+.4f} ({before[3]:.2g}) | {first[2]:+.4f} ({first[3]:.2g}) |"
+            lines.append(f"| x0_hat of {step} | {np.mean(list(dice.values())):.4f} {gains}")
         for mode, dice in e["modes"].items():
             if mode.startswith("off"):
                 label = "chain output (last step)" if mode == "off" else f"mean of last {mode[8:]} steps"
-                lines.append(f"| {label} | {np.mean(list(dice.values())):.4f} |")
+                lines.append(f"| {label} | {np.mean(list(dice.values())):.4f} | | |")
         if "noise" in diag.get(e["trainer"], {}):
             d = diag[e["trainer"]]
             lines += ["", f"Relative L2 change of the logits between t = 0 and t = 1000 (same image patch and x_t, "

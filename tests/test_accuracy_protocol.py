@@ -277,3 +277,20 @@ def test_sampling_study_settings_become_the_prediction_options():
     for bad in ("chain:noise", "chain:noise:ddpm:0", "chain:noise:ddpm:x", "mirror:noise:ddpm", "chain:noise:ddpm:1:2"):
         with pytest.raises(ValueError, match="TTA:START:SAMPLER"):
             setting_args(bad)
+
+
+def test_per_step_table_gives_each_steps_paired_gain(result, tmp_path):
+    """The per-step table's gains are paired over cases: each step against the step before and the first step."""
+    from accuracy_protocol import write_tables
+    from scipy import stats
+    first, mid, last = {"c0": 0.5, "c1": 0.6, "c2": 0.7}, {"c0": 0.52, "c1": 0.6, "c2": 0.71}, \
+        {"c0": 0.6, "c1": 0.59, "c2": 0.74}
+    result["methods"]["DiffusionTrainer_ema"]["steps"] = {"step3": first, "step2": mid, "step1": last}
+    write_tables(result, str(tmp_path))
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in (tmp_path / "accuracy.md").read_text().splitlines()
+            if line.startswith("| x0_hat of")}
+    assert rows["| x0_hat of step3"][2:4] == ["–", "– |"]
+    delta = lambda a, b: np.mean([a[c] - b[c] for c in a])  # noqa: E731
+    p = stats.ttest_rel(list(last.values()), list(mid.values())).pvalue
+    assert rows["| x0_hat of step1"][2] == f"{delta(last, mid):+.4f} ({p:.2g})"
+    assert rows["| x0_hat of step1"][3].startswith(f"{delta(last, first):+.4f} (")
