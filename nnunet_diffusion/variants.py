@@ -21,7 +21,7 @@ __all__ = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTr
            "DiffusionTrainer_zeroInitMaskInput", "DiffusionTrainer_ema",
            "DiffusionTrainer_selfCondition", "DiffusionTrainer_zeroInitChainMeanEma",
            "DiffusionTrainer_noisiestHalf", "DiffusionTrainer_defaultSelfCondition", "DiffusionTrainer_zeroStart",
-           "DiffusionTrainer_chainRecycle", "DiffusionTrainer_scaledMaskInput"]
+           "DiffusionTrainer_chainRecycle", "DiffusionTrainer_scaledMaskInput", "DiffusionTrainer_imageOnly"]
 
 PAPER = DiffusionConfig()
 
@@ -114,6 +114,15 @@ class DiffusionTrainer_scaledMaskInput(DiffusionTrainer):
     almost nothing, so their noise stops reaching the features the image shares, while the levels where x_t
     carries the mask keep it."""
     diffusion = replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion, scale_mask_input=True)
+
+
+class DiffusionTrainer_imageOnly(DiffusionTrainer):
+    """A control, not a diffusion model: the default's settings with one level (K = 1, t = 1000) whose x_t is
+    always zeros, no recycling, the chain one call from zeros. The mask weights start at zero and, with a zero input,
+    stay there, so this is stock nnU-Net's U-Net trained and predicted through this trainer (EMA of the weights,
+    time-conditioned norms at a fixed t): what the trainer costs or gains apart from the diffusion itself."""
+    diffusion = replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion, num_steps=1, average_last=1, recycle=False,
+                        start="zeros", zero_noisiest_input=True)
 
 
 class DiffusionTrainer_noRecycle(DiffusionTrainer):

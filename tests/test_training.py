@@ -297,3 +297,19 @@ def test_chain_recycle_settings_validated_and_refused_across_checkpoints(make_tr
     assert any(len(calls) > 1 for calls, _ in batches)
     default, _ = calls_and_levels("DiffusionTrainer", 2)
     assert all(len(calls) == 1 for calls, _ in default)
+
+
+def test_image_only_control_never_sees_a_mask(make_trainer):
+    """``DiffusionTrainer_imageOnly``: through nnU-Net's initialised trainer every training input x_t is zeros at the
+    one level t = 1000 (no recycle call), and its chain is one network call on zeros."""
+    from nnunet_diffusion.variants import DiffusionTrainer_imageOnly
+    batches, K = _noisy_batches(make_trainer, "DiffusionTrainer_imageOnly", 3)
+    assert K == 1
+    for b in batches:
+        assert b.xt.abs().max() == 0 and b.t.eq(1000).all() and b.recycled is None
+    net = tiny_diffusion_net(3, config=DiffusionTrainer_imageOnly.diffusion).eval()
+    seen, step = [], net.denoise
+    net.denoise = lambda image, xt, t: seen.append((xt.clone(), t.tolist())) or step(image, xt, t)
+    with torch.no_grad():
+        net(torch.randn(1, 1, 8, 8, 8))
+    assert len(seen) == 1 and seen[0][0].abs().max() == 0 and seen[0][1] == [1000]
