@@ -146,7 +146,7 @@ def make_noisy_mask(denoise_fn: Callable, image: torch.Tensor, x0: torch.Tensor,
         xt = chain_inputs(denoise_fn, image, k, x0.shape, schedule, prediction=prediction, sampler=sampler,
                           start="zeros" if zero_noisiest_input else "noise", generator=generator).to(x0.dtype)
         alpha_bar = schedule.extract("alpha_bar", k, x0.ndim)
-        eps = (xt - alpha_bar.sqrt() * x0) / (1.0 - alpha_bar).sqrt()
+        eps = ((xt - alpha_bar.sqrt() * x0) / (1.0 - alpha_bar).sqrt()).to(x0.dtype)
         return NoisyBatch(xt=xt, k=k, t=schedule.timesteps_of(k), eps=eps)
     source, recycled = x0, None
     if recycle:
