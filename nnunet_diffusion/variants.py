@@ -21,7 +21,8 @@ __all__ = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTr
            "DiffusionTrainer_zeroInitMaskInput", "DiffusionTrainer_ema",
            "DiffusionTrainer_selfCondition", "DiffusionTrainer_zeroInitChainMeanEma",
            "DiffusionTrainer_noisiestHalf", "DiffusionTrainer_defaultSelfCondition", "DiffusionTrainer_zeroStart",
-           "DiffusionTrainer_chainRecycle", "DiffusionTrainer_scaledMaskInput", "DiffusionTrainer_imageOnly"]
+           "DiffusionTrainer_chainRecycle", "DiffusionTrainer_scaledMaskInput", "DiffusionTrainer_imageOnly",
+           "DiffusionTrainer_imageOnlyNoEma"]
 
 PAPER = DiffusionConfig()
 
@@ -123,6 +124,12 @@ class DiffusionTrainer_imageOnly(DiffusionTrainer):
     time-conditioned norms at a fixed t): what the trainer costs or gains apart from the diffusion itself."""
     diffusion = replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion, num_steps=1, average_last=1, recycle=False,
                         start="zeros", zero_noisiest_input=True)
+
+
+class DiffusionTrainer_imageOnlyNoEma(DiffusionTrainer):
+    """The control ``DiffusionTrainer_imageOnly`` without the EMA of the weights: validation, export and prediction
+    use the trained weights, as stock nnU-Net does."""
+    diffusion = replace(DiffusionTrainer_imageOnly.diffusion, ema_halflife=0.0)
 
 
 class DiffusionTrainer_noRecycle(DiffusionTrainer):

@@ -302,7 +302,9 @@ def test_chain_recycle_settings_validated_and_refused_across_checkpoints(make_tr
 def test_image_only_control_never_sees_a_mask(make_trainer):
     """``DiffusionTrainer_imageOnly``: through nnU-Net's initialised trainer every training input x_t is zeros at the
     one level t = 1000 (no recycle call), and its chain is one network call on zeros."""
-    from nnunet_diffusion.variants import DiffusionTrainer_imageOnly
+    from nnunet_diffusion.variants import DiffusionTrainer_imageOnly, DiffusionTrainer_imageOnlyNoEma
+    assert DiffusionTrainer_imageOnlyNoEma.diffusion == replace(DiffusionTrainer_imageOnly.diffusion, ema_halflife=0)
+    assert DiffusionTrainer_imageOnly.diffusion.ema_halflife > 0
     batches, K = _noisy_batches(make_trainer, "DiffusionTrainer_imageOnly", 3)
     assert K == 1
     for b in batches:
