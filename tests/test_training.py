@@ -107,17 +107,27 @@ def test_noisiest_share_draws_level_k_with_that_probability():
     assert sample_levels(10, 1, torch.device("cpu"), g, noisiest_share=0.3).eq(1).all()
 
 
-def _noisy_batches(make_trainer, name, n):
+def _noisy_batches(make_trainer, name, n, calls=None):
     """``n`` noisy batches that nnU-Net's initialised trainer ``name`` builds from one training batch (seed 0),
-    and its K."""
+    and its K. ``calls``: a list that gets, per batch, the batch size of every network call made to build it."""
     tr = make_trainer(f"{name}_1ep1it")
     batch = next(tr.dataloader_train)
     data = batch["data"].to(tr.device)
     target = [t.to(tr.device) for t in batch["target"]] if isinstance(batch["target"], list) \
         else batch["target"].to(tr.device)
+    seen = []
+    hook = tr.diffusion_network.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     torch.manual_seed(0)
-    with torch.no_grad():
-        batches = [tr.make_noisy_batch(data, target) for _ in range(n)]
+    batches = []
+    try:
+        with torch.no_grad():
+            for _ in range(n):
+                seen.clear()
+                batches.append(tr.make_noisy_batch(data, target))
+                if calls is not None:
+                    calls.append(list(seen))
+    finally:
+        hook.remove()
     return batches, tr.diffusion_network.training_schedule.num_steps
 
 
@@ -273,23 +283,10 @@ def test_chain_recycle_settings_validated_and_refused_across_checkpoints(make_tr
     with pytest.raises(ValueError, match="recycle_source"):
         check_diffusion_settings({"diffusion": chain.to_dict()}, DiffusionTrainer.diffusion, "x")
 
-    def calls_and_levels(name, n=4):
-        tr = make_trainer(f"{name}_1ep1it")
-        batch = next(tr.dataloader_train)
-        data = batch["data"].to(tr.device)
-        target = [t.to(tr.device) for t in batch["target"]]
-        calls, out = [], []
-        hook = tr.diffusion_network.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
-        torch.manual_seed(0)
-        try:
-            for _ in range(n):
-                calls.clear()
-                with torch.no_grad():
-                    k = tr.make_noisy_batch(data, target).k
-                out.append((list(calls), k.tolist()))
-        finally:
-            hook.remove()
-        return out, tr.diffusion_network.training_schedule.num_steps
+    def calls_and_levels(name, n):
+        calls = []
+        batches, K = _noisy_batches(make_trainer, name, n, calls)
+        return [(c, b.k.tolist()) for c, b in zip(calls, batches)], K
 
     batches, K = calls_and_levels("DiffusionTrainer_chainRecycle", 8)
     for calls, k in batches:  # one call per level above the lowest, on the samples above their own level
