@@ -8,9 +8,9 @@ candidates need no retraining, so they are compared on one model, free of the tr
 
 Needs nnUNet_raw/_preprocessed/_results and nnUNet_extTrainer set as for the accuracy study
 (``benchmarks/accuracy_protocol.py``, which trains the model and links the fold's validation images). A setting is
-``TTA:START:SAMPLER[:M]``: ``nnUNetv2_predict_diffusion --tta TTA --start START --sampler SAMPLER`` with the
-output the mean probability of the last M steps' x0_hat (default: all K steps, the default ``--average-last``)
-and seed 0, so every setting draws the same voxel-attached noise (``--start zeros`` still draws, and discards,
+``TTA:START:SAMPLER[:M][:raw]``: ``nnUNetv2_predict_diffusion --tta TTA --start START --sampler SAMPLER`` with
+the output the mean probability of the last M steps' x0_hat (default: all K steps, the default ``--average-last``),
+with ``raw`` the trained weights instead of their moving average (``--weights raw``), and seed 0, so every setting draws the same voxel-attached noise (``--start zeros`` still draws, and discards,
 the starting noise). One prediction at a time, timed from start to end, resumable (a finished folder has a
 ``done`` marker).
 
@@ -41,15 +41,20 @@ TTAS = ("full", "final", "chain", "off")
 
 
 def setting_args(setting: str) -> List[str]:
-    """``"chain:zeros:ddim"`` -> ``--tta chain --start zeros --sampler ddim``; an optional fourth field M is
-    ``--average-last M`` (``"chain:noise:ddpm:1"``: the last step's output)."""
+    """``"chain:zeros:ddim"`` -> ``--tta chain --start zeros --sampler ddim``; an optional field M is
+    ``--average-last M`` (``"chain:noise:ddpm:1"``: the last step's output); a last field ``raw`` is
+    ``--weights raw`` (the trained weights instead of their moving average)."""
     parts = setting.split(":")
+    weights = []
+    if len(parts) in (4, 5) and parts[-1] == "raw":
+        parts, weights = parts[:-1], ["--weights", "raw"]
     if len(parts) not in (3, 4) or parts[0] not in TTAS or parts[1] not in STARTS or parts[2] not in SAMPLERS \
             or (len(parts) == 4 and not (parts[3].isdigit() and int(parts[3]) >= 1)):
-        raise ValueError(f"setting {setting!r}: expected TTA:START:SAMPLER[:M] with TTA in {TTAS}, START in "
-                         f"{STARTS}, SAMPLER in {SAMPLERS}, M an integer >= 1 (steps averaged)")
+        raise ValueError(f"setting {setting!r}: expected TTA:START:SAMPLER[:M][:raw] with TTA in {TTAS}, START in "
+                         f"{STARTS}, SAMPLER in {SAMPLERS}, M an integer >= 1 (steps averaged), raw: the trained "
+                         f"weights instead of their average")
     average = ["--average-last", parts[3]] if len(parts) == 4 else []
-    return ["--tta", parts[0], "--start", parts[1], "--sampler", parts[2]] + average
+    return ["--tta", parts[0], "--start", parts[1], "--sampler", parts[2]] + average + weights
 
 
 def stock_mode(setting: str) -> str:
@@ -95,7 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fold", type=int, default=0)
     ap.add_argument("-device", default="cpu")
     ap.add_argument("--settings", nargs="+", default=["chain:noise:ddpm", "chain:zeros:ddpm"],
-                    help="TTA:START:SAMPLER[:M], the first is the reference unless --reference says otherwise")
+                    help="TTA:START:SAMPLER[:M][:raw], the first is the reference unless --reference says otherwise")
     ap.add_argument("--reference", default=None)
     ap.add_argument("--accuracy", default=None, help="accuracy.json holding the stock runs' per-case Dice")
     ap.add_argument("--validation-folder", default=None,

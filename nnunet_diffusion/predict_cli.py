@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "a noise and mirror ensemble at N*K calls). Default chain (with --average-last = all steps, "
                         "every mirrored call contributes to the output): the prediction study's rule picked it on "
                         "the default DiffusionTrainer's model (README, Results)")
+    g.add_argument("--weights", choices=["average", "raw"], default="average",
+                   help="average: the checkpoint's exported weights (the moving average of the weights for trainers "
+                        "that keep one, DiffusionTrainer's default); raw: the trained weights beside that average, "
+                        "to measure what the average does on the same training run (default average)")
     g.add_argument("--mirror-batch", type=int_in_range("--mirror-batch", 1), default=None,
                    help="mirrored copies of a tile per network call in full/final (default: all M at once, "
                         "halved automatically when memory runs out; 1: one call per mirroring)")
@@ -150,7 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                        uncertainty=args.uncertainty, average_last=args.average_last,
                                        start=args.start,
                                        save_steps=args.save_steps, tta="off" if args.disable_tta else args.tta,
-                                       mirror_batch=args.mirror_batch)
+                                       mirror_batch=args.mirror_batch, weights=args.weights)
         for f in folds:
             read_checkpoint(os.path.join(model_folder, f"fold_{f}", args.chk))
         predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)

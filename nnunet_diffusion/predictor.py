@@ -5,7 +5,8 @@ nnU-Net methods overridden (each a narrow hook; nnU-Net's sliding window, Gaussi
 export and multiprocessing stay untouched):
 
 * ``initialize_from_trained_model_folder`` / ``manual_initialization``: check that the model is a
-  diffusion model and resolve the sampling settings against the trained ones.
+  diffusion model and resolve the sampling settings against the trained ones; with ``weights="raw"``, load
+  every fold's trained weights instead of their moving average.
 * ``_internal_get_sliding_window_slicers``: remember the tiles of the current case (in the order
   nnU-Net's single producer thread feeds them), so each tile knows where it lies in the case.
 * ``_internal_predict_sliding_window_return_logits``: reset the tile counter (nnU-Net re-runs it
@@ -35,6 +36,19 @@ from nnunet_diffusion.network import DiffusionUNet
 from nnunet_diffusion.noise import chain_noise, linear_index
 
 TTA_MODES = ("final", "chain", "full", "off", "sample")
+WEIGHTS = ("average", "raw")
+
+
+def raw_weights(checkpoint_file: str) -> dict:
+    """The trained (not averaged) weights a checkpoint keeps beside its weight average; a clear error for a
+    checkpoint without an average (its ``network_weights`` are the trained weights) or a released one."""
+    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    if "training_network_weights" not in checkpoint:
+        raise ValueError(f"{checkpoint_file} keeps no separate trained weights: its trainer "
+                         f"({checkpoint.get('trainer_name')!r}) kept no moving average of the weights (its "
+                         f"network_weights are the trained weights), or it is a released checkpoint, which keeps "
+                         f"only the average. Use --weights average.")
+    return checkpoint["training_network_weights"]
 
 
 def mirror_combinations(axes: Optional[Sequence[int]]) -> List[Tuple[int, ...]]:
@@ -82,6 +96,9 @@ class DiffusionPredictor(nnUNetPredictor):
         i mod M (with ``num_samples`` = N a noise-and-mirror ensemble at N*K calls; N = 1 is "off").
     tile_consistent_noise: False gives every tile its own independent noise (as stock sliding-window
         prediction would), for measuring what the voxel-attached noise buys.
+    weights: "average" (the checkpoint's ``network_weights``: the EMA of the weights when the trainer keeps one,
+        else the trained weights) or "raw" (the trained weights of a trainer with an EMA,
+        ``training_network_weights``), to measure what the average buys on the same training run.
     mirror_batch: most mirrored copies of a tile per network call in "full" (the M chains run side by side in
         the batch) and in "final"'s last step (None: all M in one call, halved after an out-of-memory error;
         1: one call per mirroring). Same result up to floating-point rounding.
@@ -91,7 +108,8 @@ class DiffusionPredictor(nnUNetPredictor):
                  average_last: Optional[int] = None, start: Optional[str] = None, seed: int = 0,
                  num_samples: int = 1,
                  uncertainty: bool = False, save_steps: bool = False, tta: str = "full",
-                 tile_consistent_noise: bool = True, mirror_batch: Optional[int] = None, **kwargs):
+                 tile_consistent_noise: bool = True, mirror_batch: Optional[int] = None, weights: str = "average",
+                 **kwargs):
         super().__init__(*args, **kwargs)
         # validated now (the trained values fill the gaps at initialisation)
         SamplingSettings(num_steps=steps or 1001, sampler=sampler or "ddpm", average_last=average_last or 1,
@@ -100,6 +118,9 @@ class DiffusionPredictor(nnUNetPredictor):
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
         if tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+        self.weights = weights
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self._requested = dict(num_steps=steps, sampler=sampler, average_last=average_last, start=start)
@@ -139,6 +160,11 @@ class DiffusionPredictor(nnUNetPredictor):
                                              checkpoint_name='checkpoint_final.pth'):
         super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
         self._configure_network()
+        if self.weights == "raw":
+            self.list_of_parameters = [raw_weights(os.path.join(model_training_output_dir, f"fold_{f}",
+                                                                checkpoint_name))
+                                       for f in ([use_folds] if isinstance(use_folds, str) else use_folds)]
+            self.diffusion_network.load_state_dict(self.list_of_parameters[0])
 
     def manual_initialization(self, *args, **kwargs):
         super().manual_initialization(*args, **kwargs)

@@ -268,13 +268,18 @@ def test_a_recorded_split_is_kept_and_another_fold_is_refused(tmp_path):
 
 
 def test_sampling_study_settings_become_the_prediction_options():
-    """benchmarks/sampling_study.py: TTA:START:SAMPLER[:M] -> nnUNetv2_predict_diffusion's options; the optional M
-    sets --average-last; malformed settings are refused by name."""
+    """benchmarks/sampling_study.py: TTA:START:SAMPLER[:M][:raw] -> nnUNetv2_predict_diffusion's options; the
+    optional M sets --average-last, a last ``raw`` --weights raw; malformed settings are refused by name."""
     from sampling_study import setting_args
     assert setting_args("chain:zeros:ddim") == ["--tta", "chain", "--start", "zeros", "--sampler", "ddim"]
     assert setting_args("off:noise:ddpm:1") == ["--tta", "off", "--start", "noise", "--sampler", "ddpm",
                                                 "--average-last", "1"]
-    for bad in ("chain:noise", "chain:noise:ddpm:0", "chain:noise:ddpm:x", "mirror:noise:ddpm", "chain:noise:ddpm:1:2"):
+    assert setting_args("full:zeros:ddpm:1:raw") == ["--tta", "full", "--start", "zeros", "--sampler", "ddpm",
+                                                     "--average-last", "1", "--weights", "raw"]
+    assert setting_args("chain:noise:ddpm:raw") == ["--tta", "chain", "--start", "noise", "--sampler", "ddpm",
+                                                    "--weights", "raw"]
+    for bad in ("chain:noise", "chain:noise:ddpm:0", "chain:noise:ddpm:x", "mirror:noise:ddpm", "chain:noise:ddpm:1:2",
+                "chain:noise:raw", "chain:noise:ddpm:raw:1", "chain:noise:ddpm:1:2:raw"):
         with pytest.raises(ValueError, match="TTA:START:SAMPLER"):
             setting_args(bad)
 

@@ -417,3 +417,65 @@ def test_uncertainty_maps_include_every_fold(trained, tmp_path):
     both = maps((0, 1))
     assert both[1].max() > 1e-3
     assert torch.all(both[1] <= both[0] + 1e-5)
+
+
+def test_raw_weights_are_each_folds_trained_weights(trained, tmp_path):
+    """weights="raw" (``--weights raw``): every fold's ``training_network_weights`` replace the checkpoint's
+    average, and the prediction is exactly that of a model whose exported weights are those trained weights."""
+    model = tmp_path / "model"
+    shutil.copytree(os.path.dirname(trained), model,
+                    ignore=shutil.ignore_patterns("validation", "*.png"))
+    fold0 = model / "fold_0" / "checkpoint_final.pth"
+    ck = torch.load(fold0, map_location="cpu", weights_only=False)
+    assert "training_network_weights" in ck  # the default trainer keeps an average beside the trained weights
+    trained_weights = ck["training_network_weights"]
+    torch.manual_seed(0)
+    raws = []
+    for fold in (0, 1):
+        # one perturbation per tensor: the network's state dict names some tensors twice (block.conv and
+        # all_modules.0), which the trained weights as saved share
+        noise = {}
+        ck["training_network_weights"] = {
+            k: v + noise.setdefault(v.data_ptr(), 0.3 * torch.randn_like(v)) if v.is_floating_point() else v
+            for k, v in trained_weights.items()}
+        raws.append(ck["training_network_weights"])
+        (model / f"fold_{fold}").mkdir(exist_ok=True)
+        torch.save(ck, model / f"fold_{fold}" / "checkpoint_final.pth")
+        # the same model with the trained weights exported: what "raw" must equal
+        exported = dict(ck, network_weights=ck["training_network_weights"])
+        torch.save(exported, model / f"fold_{fold}" / "checkpoint_exported_raw.pth")
+    image = torch.randn(1, 30, 30, 24)
+
+    def predictor(weights, checkpoint="checkpoint_final.pth", folds=(0, 1)):
+        p = DiffusionPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                               perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                               allow_tqdm=False, tta="off", weights=weights)
+        p.initialize_from_trained_model_folder(str(model), folds, checkpoint)
+        return p
+
+    raw = predictor("raw")
+    for params, expected in zip(raw.list_of_parameters, raws):
+        assert all(torch.equal(params[k], expected[k]) for k in expected)
+    assert all(torch.equal(v, raws[0][k]) for k, v in raw.diffusion_network.state_dict().items())
+    logits = raw.predict_logits_from_preprocessed_data(image)
+    assert torch.allclose(logits, predictor("average", "checkpoint_exported_raw.pth")
+                          .predict_logits_from_preprocessed_data(image), atol=1e-5)
+    assert not torch.allclose(logits, predictor("average").predict_logits_from_preprocessed_data(image), atol=1e-3)
+    with pytest.raises(ValueError, match="weights must be one of"):
+        DiffusionPredictor(weights="ema")
+
+
+def test_raw_weights_refused_without_a_weight_average(env, trained_3d, inputs, tmp_path):
+    """``nnUNetv2_predict_diffusion --weights raw`` on a checkpoint that keeps no trained weights beside an average
+    (a trainer without EMA, a released model): a clear error, exit code 1, nothing written."""
+    ck = torch.load(os.path.join(trained_3d, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    del ck["training_network_weights"]
+    torch.save(ck, os.path.join(trained_3d, "checkpoint_no_average_test.pth"))
+    out = tmp_path / "o"
+    try:
+        proc = _predict_cmd(env, inputs, out, "-chk", "checkpoint_no_average_test.pth", "--weights", "raw")
+    finally:
+        os.remove(os.path.join(trained_3d, "checkpoint_no_average_test.pth"))
+    assert proc.returncode == 1
+    assert "keeps no separate trained weights" in proc.stderr and "--weights average" in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
