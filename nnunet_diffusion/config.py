@@ -79,6 +79,11 @@ class DiffusionConfig:
         says about the mask (level 1: x_t unchanged; level K: x 0.006). The noise of the noisy levels then
         barely reaches the first convolution's features, which the image shares, while the informative levels
         keep their signal. Not the paper's; the self-conditioning channels are not scaled.
+    time_conditioning: the network is told the level t (FiLM after every normalisation, METHOD.md section 2; the
+        paper). False: no time path at all, the planned U-Net on the image and x_t alone, which must read the noise
+        level from x_t (not the paper's). With one level (the image-only control) the time path is a learned
+        constant per channel that the norms' own affine parameters could hold, so turning it off there measures
+        only what its extra parameters do to training.
 
     The defaults are the paper's configuration; ``DiffusionTrainer`` may use another (see trainer.py).
     """
@@ -103,6 +108,7 @@ class DiffusionConfig:
     start: str = "noise"
     zero_noisiest_input: bool = False
     scale_mask_input: bool = False
+    time_conditioning: bool = True
 
     def __post_init__(self) -> None:
         _check_int("num_steps", self.num_steps, self.num_base_levels)

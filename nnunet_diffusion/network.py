@@ -134,18 +134,20 @@ class DiffusionUNet(nn.Module):
         self.num_classes = num_classes
         self.config = config
         self.time_embed_dim = time_embed_dim
-        hidden = 2 * time_embed_dim
-        self.time_mlp = nn.Sequential(nn.Linear(time_embed_dim, hidden), nn.SiLU(),
-                                      nn.Linear(hidden, hidden), nn.SiLU())
-        films = wrap_norms(unet)
-        if not films:
-            raise ValueError(f"{type(unet).__name__} has no normalisation layer to condition on time")
         # plain list: the modules are already registered inside self.unet
-        self._films: List[FiLMNorm] = films
-        self.film_channels = [f.num_channels for f in films]
-        self.time_proj = nn.Linear(hidden, 2 * sum(self.film_channels))
-        nn.init.zeros_(self.time_proj.weight)
-        nn.init.zeros_(self.time_proj.bias)
+        self._films: List[FiLMNorm] = []
+        self.film_channels: List[int] = []
+        if config.time_conditioning:
+            hidden = 2 * time_embed_dim
+            self.time_mlp = nn.Sequential(nn.Linear(time_embed_dim, hidden), nn.SiLU(),
+                                          nn.Linear(hidden, hidden), nn.SiLU())
+            self._films = wrap_norms(unet)
+            if not self._films:
+                raise ValueError(f"{type(unet).__name__} has no normalisation layer to condition on time")
+            self.film_channels = [f.num_channels for f in self._films]
+            self.time_proj = nn.Linear(hidden, 2 * sum(self.film_channels))
+            nn.init.zeros_(self.time_proj.weight)
+            nn.init.zeros_(self.time_proj.bias)
         # the settings nnU-Net's own calls (validation, nnUNetv2_predict) sample with; other callers pass theirs
         self.default_sampling = SamplingSettings.from_config(config)
         self._schedules: Dict[int, Schedule] = {}
@@ -174,6 +176,8 @@ class DiffusionUNet(nn.Module):
     def _condition(self, t: torch.Tensor, batch_size: int) -> None:
         if t.ndim != 1 or t.shape[0] != batch_size:
             raise ValueError(f"t must have shape ({batch_size},), got {tuple(t.shape)}")
+        if not self.config.time_conditioning:
+            return
         emb = self.time_mlp(timestep_embedding(t, self.time_embed_dim))
         params = self.time_proj(emb)
         start = 0

@@ -22,7 +22,8 @@ __all__ = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTr
            "DiffusionTrainer_selfCondition", "DiffusionTrainer_zeroInitChainMeanEma",
            "DiffusionTrainer_noisiestHalf", "DiffusionTrainer_defaultSelfCondition", "DiffusionTrainer_zeroStart",
            "DiffusionTrainer_chainRecycle", "DiffusionTrainer_scaledMaskInput", "DiffusionTrainer_imageOnly",
-           "DiffusionTrainer_imageOnlyNoEma"]
+           "DiffusionTrainer_imageOnlyNoEma", "DiffusionTrainer_zeroInitChainMean",
+           "DiffusionTrainer_imageOnlyNoTime", "DiffusionTrainer_noTimeConditioning"]
 
 PAPER = DiffusionConfig()
 
@@ -130,6 +131,28 @@ class DiffusionTrainer_imageOnlyNoEma(DiffusionTrainer):
     """The control ``DiffusionTrainer_imageOnly`` without the EMA of the weights: validation, export and prediction
     use the trained weights, as stock nnU-Net does."""
     diffusion = replace(DiffusionTrainer_imageOnly.diffusion, ema_halflife=0.0)
+
+
+class DiffusionTrainer_imageOnlyNoTime(DiffusionTrainer):
+    """The control ``DiffusionTrainer_imageOnly`` without the time path (``time_conditioning = False``): with its
+    EMA, but no FiLM parameters, so apart from the EMA and the zero mask channels it trains stock nnU-Net's U-Net
+    exactly as stock does. Against ``DiffusionTrainer_imageOnly`` it measures what the time path's extra
+    parameters cost at a fixed t."""
+    diffusion = replace(DiffusionTrainer_imageOnly.diffusion, time_conditioning=False)
+
+
+class DiffusionTrainer_zeroInitChainMean(DiffusionTrainer):
+    """The settings of ``DiffusionTrainer_zeroInitChainMeanEma`` without the EMA of the weights (validation, export
+    and prediction use the trained weights), which on the same training runs predicted better than their average
+    (README, Results)."""
+    diffusion = replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion, ema_halflife=0.0)
+
+
+class DiffusionTrainer_noTimeConditioning(DiffusionTrainer):
+    """The settings of ``DiffusionTrainer_zeroInitChainMean`` (no EMA) without the time path:
+    the network is not told the level and reads it from x_t (which at the five levels differ plainly in how much
+    noise they carry); no FiLM parameters, so the network is the planned U-Net with C more input channels."""
+    diffusion = replace(DiffusionTrainer_zeroInitChainMean.diffusion, time_conditioning=False)
 
 
 class DiffusionTrainer_noRecycle(DiffusionTrainer):

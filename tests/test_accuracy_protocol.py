@@ -1,5 +1,6 @@
 """The accuracy study's tables (benchmarks/accuracy_protocol.py): a method trained several times is compared
 through the per-case mean over all its runs, against the per-case mean over all stock runs."""
+import json
 import os
 import sys
 
@@ -299,3 +300,38 @@ def test_per_step_table_gives_each_steps_paired_gain(result, tmp_path):
     p = stats.ttest_rel(list(last.values()), list(mid.values())).pvalue
     assert rows["| x0_hat of step1"][2] == f"{delta(last, mid):+.4f} ({p:.2g})"
     assert rows["| x0_hat of step1"][3].startswith(f"{delta(last, first):+.4f} (")
+
+
+def test_ema_summary_pairs_each_setting_with_its_raw_run_and_pools_per_case(tmp_path):
+    """benchmarks/ema_summary.py: per run, Δ = trained − average weights over the same cases, paired; per group, the
+    per-case mean Δ over the runs, t-tested against 0 over the cases (not the runs' means pooled as one sample)."""
+    from scipy import stats
+    from ema_summary import main as ema_main
+    rng = np.random.default_rng(0)
+    cases = [f"c{i}" for i in range(12)]
+    deltas = {}
+    for run, shift in (("a", 0.004), ("b", -0.004), ("c", 0.002)):
+        avg = {c: float(0.8 + 0.05 * rng.standard_normal()) for c in cases}
+        d = {c: float(shift + 0.003 * rng.standard_normal()) for c in cases}
+        raw = {c: avg[c] + d[c] for c in cases}
+        deltas[run] = d
+        rows = {"chain:noise:ddpm": {"per_case": avg, "dice": float(np.mean(list(avg.values())))},
+                "chain:noise:ddpm:raw": {"per_case": raw, "dice": float(np.mean(list(raw.values())))},
+                "off:noise:ddpm": {"per_case": avg, "dice": 0.0}}  # no raw partner: not a pair
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "sampling.json").write_text(json.dumps({"trainer": f"T{run}", "rows": rows}))
+    assert ema_main([str(tmp_path), "--group", "g=a,b,c", "--group", "one=b"]) == 0
+    out = json.loads((tmp_path / "ema.json").read_text())
+    pa = out["runs"]["a"]["pairs"]
+    assert [p["setting"] for p in pa] == ["chain:noise:ddpm"]
+    assert pa[0]["delta"] == pytest.approx(np.mean(list(deltas["a"].values())))
+    assert pa[0]["p"] == pytest.approx(stats.ttest_rel([pa[0]["per_case_delta"][c] for c in cases], [0] * 12).pvalue)
+    per_case = [np.mean([deltas[r][c] for r in "abc"]) for c in cases]
+    g = out["groups"]["g"]
+    assert g["runs"] == 3 and g["positive_runs"] == 2
+    assert g["delta"] == pytest.approx(np.mean(per_case))
+    assert g["p"] == pytest.approx(stats.ttest_1samp(per_case, 0).pvalue)
+    assert out["groups"]["one"]["delta"] == pytest.approx(np.mean(list(deltas["b"].values())))
+    assert "| g (a, b, c) | 3 | 2 |" in (tmp_path / "ema.md").read_text()
+    with pytest.raises(SystemExit):
+        ema_main([str(tmp_path), "--group", "g=a,zz"])

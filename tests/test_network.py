@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from conftest import tiny_diffusion_net
-from nnunet_diffusion.config import SamplingSettings
+from conftest import tiny_diffusion_net, tiny_unet
+from nnunet_diffusion.config import DiffusionConfig, SamplingSettings
 from nnunet_diffusion.network import FiLMNorm
 
 
@@ -204,4 +204,46 @@ def test_scaled_mask_input_trainer_settings_and_refusal():
     with pytest.raises(ValueError, match="scale_mask_input"):
         check_diffusion_settings({"diffusion": scaled.to_dict()}, DiffusionTrainer.diffusion, "x")
     old = {k: v for k, v in DiffusionTrainer.diffusion.to_dict().items() if k != "scale_mask_input"}
+    assert DiffusionConfig.from_dict(old) == DiffusionTrainer.diffusion
+
+
+def test_without_time_conditioning_the_network_is_the_planned_unet():
+    """``time_conditioning = False``: no time path (no FiLM wrappers, no time MLP or projection); a denoising step is
+    the planned U-Net on (image, x_t) with the same weights, whatever t; with the time path the same weights give
+    t-dependent outputs once the projection is trained."""
+    from dataclasses import replace
+    cfg = replace(DiffusionConfig(), time_conditioning=False)
+    net = tiny_diffusion_net(3, config=cfg).eval()
+    assert not any(isinstance(m, FiLMNorm) for m in net.modules())
+    assert not any(k.startswith(("time_mlp", "time_proj")) for k in net.state_dict())
+    torch.manual_seed(0)
+    plain = tiny_unet(3, 4, 3).eval()
+    plain.load_state_dict({k[len("unet."):]: v for k, v in net.state_dict().items()})
+    image, xt = torch.randn(2, 1, 16, 16, 16), torch.randn(2, 3, 16, 16, 16)
+    with torch.no_grad():
+        out = net(image, xt, torch.tensor([0, 1000]))
+        assert torch.allclose(out, plain(torch.cat([image, xt], 1)), atol=1e-6)
+        assert torch.equal(out, net(image, xt, torch.tensor([500, 3])))
+    with pytest.raises(ValueError, match="t must have shape"):
+        net(image, xt, torch.tensor([1]))
+    timed = tiny_diffusion_net(3).eval()
+    torch.nn.init.normal_(timed.time_proj.weight, std=0.1)
+    with torch.no_grad():
+        assert not torch.allclose(timed(image, xt, torch.tensor([0, 0])), timed(image, xt, torch.tensor([1000, 1000])))
+
+
+def test_time_conditioning_trainers_settings_and_refusal():
+    """The two trainers without the time path are one change from theirs; checkpoints with and without it refuse each
+    other; a checkpoint from before the field reads as conditioned (the paper)."""
+    from dataclasses import replace
+    from nnunet_diffusion.trainer import DiffusionTrainer, check_diffusion_settings
+    from nnunet_diffusion.variants import (DiffusionTrainer_imageOnly, DiffusionTrainer_imageOnlyNoTime,
+                                           DiffusionTrainer_noTimeConditioning, DiffusionTrainer_zeroInitChainMean)
+    assert DiffusionTrainer_imageOnlyNoTime.diffusion == replace(DiffusionTrainer_imageOnly.diffusion,
+                                                                 time_conditioning=False)
+    untimed = DiffusionTrainer_noTimeConditioning.diffusion
+    assert untimed == replace(DiffusionTrainer_zeroInitChainMean.diffusion, time_conditioning=False)
+    with pytest.raises(ValueError, match="time_conditioning"):
+        check_diffusion_settings({"diffusion": untimed.to_dict()}, DiffusionTrainer_zeroInitChainMean.diffusion, "x")
+    old = {k: v for k, v in DiffusionTrainer.diffusion.to_dict().items() if k != "time_conditioning"}
     assert DiffusionConfig.from_dict(old) == DiffusionTrainer.diffusion

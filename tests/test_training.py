@@ -312,3 +312,25 @@ def test_image_only_control_never_sees_a_mask(make_trainer):
     with torch.no_grad():
         net(torch.randn(1, 1, 8, 8, 8))
     assert len(seen) == 1 and seen[0][0].abs().max() == 0 and seen[0][1] == [1000]
+
+
+def test_image_only_control_without_time_trains_the_stock_parameters(make_trainer):
+    """``DiffusionTrainer_imageOnlyNoTime`` through nnU-Net's initialised trainers: the optimiser trains exactly the
+    parameters stock nnUNetTrainer trains (same names and shapes), except the input convolution's C extra mask
+    channels, which start at zero and, with a zero input, get no gradient; the control with the time path has more."""
+    def params(name):
+        tr = make_trainer(name)
+        named = dict(tr.network.named_parameters())
+        in_optimizer = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
+        assert in_optimizer == {id(p) for p in named.values()}
+        return {k.removeprefix("unet."): tuple(p.shape) for k, p in named.items()}, tr
+
+    stock, _ = params("nnUNetTrainer_1ep1it")
+    untimed, tr = params("DiffusionTrainer_imageOnlyNoTime_1ep1it")
+    timed, _ = params("DiffusionTrainer_imageOnly_1ep1it")
+    first = next(k for k in stock if k.endswith("conv.weight"))
+    assert untimed.keys() == stock.keys()
+    assert {k: v for k, v in untimed.items() if k != first} == {k: v for k, v in stock.items() if k != first}
+    c = tr.label_manager.num_segmentation_heads
+    assert untimed[first] == (stock[first][0], stock[first][1] + c, *stock[first][2:])
+    assert set(timed) - set(untimed) and all(k.startswith(("time_", "encoder", "decoder")) for k in set(timed) - set(untimed))
