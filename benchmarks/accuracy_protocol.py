@@ -719,23 +719,36 @@ def write_tables(result: Dict, out: str) -> None:
                   f"Stock was trained {len(stock_runs)} times ({', '.join(dates)}); its runs differ from each other "
                   "(table above), so a paired test against one run understates the training noise. Δ (p): the method "
                   "against each stock run, and against the per-case mean Dice of all stock runs, same mirroring mode "
-                  "(stock `off` for the unmirrored modes).", "",
+                  "(stock `off` for the unmirrored modes); a method trained more than once has a row per run "
+                  "(its start time), the latest first.", "",
                   "| method | mode | Dice | " + " | ".join(f"Δ vs stock {d} (p)" for d in dates) +
                   " | Δ vs the stock mean (p) |", "|---|---|---|" + "---|" * (len(dates) + 1)]
         for name, e in methods.items():
             if name == "nnUNetTrainer":
                 continue
-            for mode, dice in e["modes"].items():
-                ref_mode = "mirror" if mode == "mirror" else "off"
-                refs = [r["modes"].get(ref_mode) for r in stock_runs]
-                if any(r is None for r in refs):
-                    continue
-                cells = []
-                for r in refs + [stock_mean[ref_mode]]:
-                    _, _, delta, p = _paired(dice, r)
-                    cells.append(f"{delta:+.4f} ({p:.2g})")
-                lines.append(f"| {name} | {mode_label(e['trainer'], mode)} | {np.mean(list(dice.values())):.4f} | "
-                             + " | ".join(cells) + " |")
+            runs = [e] + earlier.get(name, [])
+            for run in runs:
+                label = name if len(runs) == 1 else f"{name}, {run_label(run, 'latest')}"
+                for mode, dice in run["modes"].items():
+                    ref_mode = "mirror" if mode == "mirror" else "off"
+                    refs = [r["modes"].get(ref_mode) for r in stock_runs]
+                    have = [r for r in refs if r is not None]
+                    if not have:
+                        continue
+                    # a stock run validated without this mode (--validation-only) has no cell; the mean is over
+                    # the stock runs that have the mode
+                    cases = sorted(set(have[0]).intersection(*have[1:]))
+                    mean = {c: float(np.mean([r[c] for r in have])) for c in cases}
+                    cells = []
+                    for r in refs + [mean]:
+                        if r is None:
+                            cells.append("–")
+                            continue
+                        _, _, delta, p = _paired(dice, r)
+                        cells.append(f"{delta:+.4f} ({p:.2g})" + (f" [{len(have)} runs]" if r is mean and
+                                                                   len(have) < len(refs) else ""))
+                    lines.append(f"| {label} | {mode_label(e['trainer'], mode)} | "
+                                 f"{np.mean(list(dice.values())):.4f} | " + " | ".join(cells) + " |")
     repeated = [name for name in methods if name != "nnUNetTrainer" and earlier.get(name)]
     if repeated and len(stock_runs) > 1:
         lines += ["", "## Over all training runs: per-case mean Dice over a method's runs against stock's", "",

@@ -63,6 +63,35 @@ def test_tables_compare_run_means(result, tmp_path):
     assert abs(float(row[4]) - np.mean(list(m["DiffusionTrainer_ema"]["modes"]["mirror"].values()))) > 0.005
 
 
+def test_every_run_of_a_method_is_compared_with_every_stock_run(result, tmp_path):
+    """"Against every stock run and their mean": a method trained three times has a row per run and mode, each
+    run's own Δ against each stock run (not the latest run's Δ repeated)."""
+    from accuracy_protocol import _paired, run_label, write_tables
+    for i, r in enumerate([result["methods"]["DiffusionTrainer_ema"]] + result["earlier_runs"]["DiffusionTrainer_ema"]):
+        r["date"] = f"2026-11-2{i} 10:00 UTC"
+    write_tables(result, str(tmp_path))
+    section = (tmp_path / "accuracy.md").read_text().split("## Against every stock run")[1].split("\n## ")[0]
+    stock = [result["methods"]["nnUNetTrainer"]] + result["earlier_runs"]["nnUNetTrainer"]
+    runs = [result["methods"]["DiffusionTrainer_ema"]] + result["earlier_runs"]["DiffusionTrainer_ema"]
+    for run in runs:
+        row = [ln for ln in section.splitlines()
+               if ln.startswith(f"| DiffusionTrainer_ema, {run_label(run)} | mirror |")]
+        assert len(row) == 1
+        cells = row[0].split(" | ")
+        for j, s in enumerate(stock):
+            assert float(cells[3 + j].split()[0]) == pytest.approx(
+                _paired(run["modes"]["mirror"], s["modes"]["mirror"])[2], abs=1e-4)
+    # a stock run validated with mirroring only: no cell for the unmirrored modes, the mean over the others
+    del result["methods"]["nnUNetTrainer"]["modes"]["off"]
+    write_tables(result, str(tmp_path))
+    section = (tmp_path / "accuracy.md").read_text().split("## Against every stock run")[1].split("\n## ")[0]
+    row = [ln for ln in section.splitlines() if ln.startswith(f"| DiffusionTrainer_ema, {run_label(runs[1])} | off |")]
+    cells = row[0].split(" | ")
+    assert cells[3] == "–" and cells[-1].endswith("[1 runs] |")
+    assert float(cells[-1].split()[0]) == pytest.approx(
+        _paired(runs[1]["modes"]["off"], stock[1]["modes"]["off"])[2], abs=1e-4)
+
+
 def test_per_step_table_comes_from_the_newest_run_that_has_it(result, tmp_path):
     """A --validation-only rerun has no unmirrored predictions: the per-step table stays, from the earlier run."""
     from accuracy_protocol import write_tables
