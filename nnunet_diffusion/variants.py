@@ -81,21 +81,21 @@ class DiffusionTrainer_zeroInitChainMeanEma(DiffusionTrainer):
 
 
 class DiffusionTrainer_noisiestHalf(DiffusionTrainer):
-    """The settings of ``DiffusionTrainer_zeroInitChainMeanEma`` (the default since 2026-11-29), with half of the
+    """The settings of ``DiffusionTrainer_zeroInitChainMeanEma`` (the default of 2026-11-29), with half of the
     training samples at the noisiest level K (pure noise: the chain's first step, which sets the segmentation;
     the refinement steps add little) and the other half uniform over levels 1 ... K-1 (1/8 each instead of 1/5)."""
     diffusion = replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion, noisiest_share=0.5)
 
 
 class DiffusionTrainer_defaultSelfCondition(DiffusionTrainer):
-    """The settings of ``DiffusionTrainer_zeroInitChainMeanEma`` (the default since 2026-11-29) with
+    """The settings of ``DiffusionTrainer_zeroInitChainMeanEma`` (the default of 2026-11-29) with
     self-conditioning (``DiffusionTrainer_selfCondition`` adds it to the paper's settings instead); the zero
     initialisation covers the estimate's C input channels too, so the untrained network sees only the image."""
     diffusion = replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion, self_condition=True)
 
 
 class DiffusionTrainer_zeroStart(DiffusionTrainer):
-    """The settings of ``DiffusionTrainer_zeroInitChainMeanEma`` (the default since 2026-11-29), with the chain
+    """The settings of ``DiffusionTrainer_zeroInitChainMeanEma`` (the default of 2026-11-29), with the chain
     starting from x_K = 0 (the mean of the noise it would draw: at level K it says nothing about the mask) and
     the noisiest training level seeing that same zero input (in the supervised and the recycle pass), so the
     chain's first step, which sets the segmentation, is a deterministic prediction from the image."""
@@ -103,7 +103,7 @@ class DiffusionTrainer_zeroStart(DiffusionTrainer):
 
 
 class DiffusionTrainer_chainRecycle(DiffusionTrainer):
-    """The settings of ``DiffusionTrainer_zeroInitChainMeanEma`` (the default since 2026-11-29), with every level
+    """The settings of ``DiffusionTrainer_zeroInitChainMeanEma`` (the default of 2026-11-29), with every level
     trained on the sampling chain's own input: x_t is reached by running the chain without gradient from pure
     noise down to the sample's level (``recycle_source = "chain"``) instead of noising one recycled estimate, so
     the refinement steps learn to correct the mistakes the chain's earlier steps actually make."""
@@ -111,7 +111,7 @@ class DiffusionTrainer_chainRecycle(DiffusionTrainer):
 
 
 class DiffusionTrainer_scaledMaskInput(DiffusionTrainer):
-    """The settings of ``DiffusionTrainer_zeroInitChainMeanEma`` (the default since 2026-11-29), with the noisy
+    """The settings of ``DiffusionTrainer_zeroInitChainMeanEma`` (the default of 2026-11-29), with the noisy
     mask fed to the network as sqrt(abar_t) x_t (``scale_mask_input``): the noisiest levels' inputs shrink to
     almost nothing, so their noise stops reaching the features the image shares, while the levels where x_t
     carries the mask keep it."""

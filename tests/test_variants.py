@@ -195,26 +195,40 @@ def test_initialisation_only_settings_do_not_refuse_a_checkpoint():
 
 def test_output_only_settings_do_not_refuse_a_checkpoint_and_a_refusal_names_the_matching_trainer():
     """average_last decides only what the trained chain returns: a model trained with the last step as output
-    (the earlier default) loads into the default trainer, whose chain averages all steps. A model trained
-    without EMA (the earlier default, ``DiffusionTrainer_zeroInitMaskInput``'s settings) is refused by the
-    default trainer, and the error names the trainer that matches its settings."""
+    (``DiffusionTrainer_zeroInitMaskInput``'s settings, the default until 2026-11-29) loads into the default
+    trainer, whose chain averages all steps. A model trained with the EMA of the weights (the default of
+    2026-11-29, ``DiffusionTrainer_zeroInitChainMeanEma``'s settings) is refused by the default trainer, which
+    keeps none, and the error names the trainer that matches its settings."""
     from nnunet_diffusion.trainer import DiffusionTrainer
-    from nnunet_diffusion.variants import DiffusionTrainer_zeroInitMaskInput
-    default, earlier = DiffusionTrainer.diffusion, DiffusionTrainer_zeroInitMaskInput.diffusion
+    from nnunet_diffusion.variants import DiffusionTrainer_zeroInitChainMeanEma, DiffusionTrainer_zeroInitMaskInput
+    default = DiffusionTrainer.diffusion
     check_diffusion_settings({"diffusion": replace(default, average_last=1).to_dict()}, default, "x")
+    check_diffusion_settings({"diffusion": DiffusionTrainer_zeroInitMaskInput.diffusion.to_dict()}, default, "x")
     with pytest.raises(ValueError, match="ema_halflife") as err:
-        check_diffusion_settings({"diffusion": earlier.to_dict(), "trainer_name": "DiffusionTrainer"}, default, "x")
-    assert "-tr DiffusionTrainer_zeroInitMaskInput" in str(err.value)
+        check_diffusion_settings({"diffusion": DiffusionTrainer_zeroInitChainMeanEma.diffusion.to_dict(),
+                                  "trainer_name": "DiffusionTrainer"}, default, "x")
+    assert "-tr DiffusionTrainer_zeroInitChainMeanEma" in str(err.value)
     assert "average_last" not in str(err.value).split("(")[1]  # not listed among the refused differences
 
 
-def test_default_trainer_returns_the_mean_of_all_steps_and_averages_weights(make_trainer):
+def test_default_is_the_ema_default_without_its_average():
+    """Since 2026-11-30 the default is ``DiffusionTrainer_zeroInitChainMeanEma``'s settings without the EMA of the
+    weights, which ``DiffusionTrainer_zeroInitChainMean`` keeps under its own name."""
+    from nnunet_diffusion.trainer import DiffusionTrainer
+    from nnunet_diffusion.variants import DiffusionTrainer_zeroInitChainMean, DiffusionTrainer_zeroInitChainMeanEma
+    assert DiffusionTrainer_zeroInitChainMeanEma.diffusion.ema_halflife > 0
+    assert DiffusionTrainer_zeroInitChainMean.diffusion == replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion,
+                                                                   ema_halflife=0.0)
+    assert DiffusionTrainer.diffusion == DiffusionTrainer_zeroInitChainMean.diffusion
+
+
+def test_default_trainer_returns_the_mean_of_all_steps(make_trainer):
     """DiffusionTrainer's network, called as nnU-Net's validation and nnUNetv2_predict call it (image only),
     returns log(mean probability of all K steps' x0_hat): equal to the chain with average_last = K and different
-    from the last step's output. The default trainer keeps an EMA of the weights."""
+    from the last step's output. The default trainer keeps no EMA of the weights (since 2026-11-30)."""
     from nnunet_diffusion.config import SamplingSettings
     tr = make_trainer("DiffusionTrainer_1ep1it")
-    assert tr.weight_average is not None
+    assert tr.weight_average is None
     net = tr.diffusion_network
     net.eval()
     torch.manual_seed(0)
