@@ -102,9 +102,9 @@ def test_default_with_self_conditioning_starts_blind_to_all_mask_channels(make_t
     """``DiffusionTrainer_defaultSelfCondition``: the default's settings plus self-conditioning, and the default's
     zero initialisation covers the estimate's C channels as well as x_t's, so the untrained network's output
     depends on the image only (as the default's does)."""
-    from nnunet_diffusion.trainer import DiffusionTrainer
-    from nnunet_diffusion.variants import DiffusionTrainer_defaultSelfCondition
-    assert DiffusionTrainer_defaultSelfCondition.diffusion == replace(DiffusionTrainer.diffusion, self_condition=True)
+    from nnunet_diffusion.variants import DiffusionTrainer_defaultSelfCondition, DiffusionTrainer_zeroInitChainMeanEma
+    assert DiffusionTrainer_defaultSelfCondition.diffusion == replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion,
+                                                                      self_condition=True)
     tr = make_trainer("DiffusionTrainer_defaultSelfCondition_1ep1it")
     net = tr.diffusion_network
     C, n_img = net.num_classes, net.num_image_channels

@@ -9,7 +9,7 @@ from nnunet_diffusion.sampling import encode_mask, mask_from_logits
 from nnunet_diffusion.schedule import Schedule
 from nnunet_diffusion.trainer import DiffusionTrainer, check_diffusion_settings
 from nnunet_diffusion.training import make_noisy_mask, sample_levels
-from nnunet_diffusion.variants import DiffusionTrainer_noisiestHalf
+from nnunet_diffusion.variants import DiffusionTrainer_noisiestHalf, DiffusionTrainer_zeroInitChainMeanEma
 
 
 def test_levels_are_uniform_over_the_chain():
@@ -142,6 +142,10 @@ def test_noisiest_share_is_what_the_trainer_draws(make_trainer):
     assert noisiest_fraction("DiffusionTrainer") < 0.3
 
 
+# the settings the candidates of 2026-11-30 are defined against (the default of 2026-11-29 to 30)
+EMA_DEFAULT = DiffusionTrainer_zeroInitChainMeanEma.diffusion
+
+
 def test_noisiest_share_is_validated_and_refused_across_checkpoints():
     for bad in (-0.1, 1.5, True, "0.5"):
         with pytest.raises(ValueError, match="noisiest_share"):
@@ -149,11 +153,11 @@ def test_noisiest_share_is_validated_and_refused_across_checkpoints():
     ckpt = {"diffusion": DiffusionTrainer_noisiestHalf.diffusion.to_dict(),
             "trainer_name": "DiffusionTrainer_noisiestHalf"}
     with pytest.raises(ValueError, match="noisiest_share"):
-        check_diffusion_settings(ckpt, DiffusionTrainer.diffusion, "x")
+        check_diffusion_settings(ckpt, EMA_DEFAULT, "x")
     # a checkpoint written before the field existed drew its levels uniformly
-    old = {k: v for k, v in DiffusionTrainer.diffusion.to_dict().items() if k != "noisiest_share"}
-    check_diffusion_settings({"diffusion": old}, DiffusionTrainer.diffusion, "x")
-    assert replace(DiffusionTrainer.diffusion, noisiest_share=0.5) == DiffusionTrainer_noisiestHalf.diffusion
+    old = {k: v for k, v in EMA_DEFAULT.to_dict().items() if k != "noisiest_share"}
+    check_diffusion_settings({"diffusion": old}, EMA_DEFAULT, "x")
+    assert replace(EMA_DEFAULT, noisiest_share=0.5) == DiffusionTrainer_noisiestHalf.diffusion
 
 
 def test_zero_noisiest_input_zeroes_level_k_in_both_passes():
@@ -205,11 +209,11 @@ def test_zero_start_settings_refused_only_where_training_differs():
     from nnunet_diffusion.variants import DiffusionTrainer_zeroStart
     zero = DiffusionTrainer_zeroStart.diffusion
     with pytest.raises(ValueError, match="zero_noisiest_input"):
-        check_diffusion_settings({"diffusion": zero.to_dict()}, DiffusionTrainer.diffusion, "x")
+        check_diffusion_settings({"diffusion": zero.to_dict()}, EMA_DEFAULT, "x")
     check_diffusion_settings({"diffusion": replace(zero, zero_noisiest_input=False).to_dict()},
-                             DiffusionTrainer.diffusion, "x")
-    old = {k: v for k, v in DiffusionTrainer.diffusion.to_dict().items() if k not in ("start", "zero_noisiest_input")}
-    assert DiffusionConfig.from_dict(old) == DiffusionTrainer.diffusion
+                             EMA_DEFAULT, "x")
+    old = {k: v for k, v in EMA_DEFAULT.to_dict().items() if k not in ("start", "zero_noisiest_input")}
+    assert DiffusionConfig.from_dict(old) == EMA_DEFAULT
 
 
 def _recording_net(net, seen):
