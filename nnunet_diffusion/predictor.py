@@ -42,7 +42,8 @@ WEIGHTS = ("average", "raw")
 def raw_weights(checkpoint_file: str) -> dict:
     """The trained (not averaged) weights a checkpoint keeps beside its weight average; a clear error for a
     checkpoint without an average (its ``network_weights`` are the trained weights) or a released one."""
-    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    from nnunet_diffusion.trainer import read_checkpoint  # its clear errors for corrupt files
+    checkpoint = read_checkpoint(checkpoint_file)
     if "training_network_weights" not in checkpoint:
         raise ValueError(f"{checkpoint_file} keeps no separate trained weights: its trainer "
                          f"({checkpoint.get('trainer_name')!r}) kept no moving average of the weights (its "
