@@ -33,6 +33,16 @@ def tiny_unet(dim: int = 3, in_channels: int = 3, num_classes: int = 3, deep_sup
     return ResidualEncoderUNet(n_blocks_per_stage=[1, 1, 1], n_conv_per_stage_decoder=1, **common)
 
 
+def assert_setting_refused_and_defaulted(field: str, changed: DiffusionConfig, base: DiffusionConfig) -> None:
+    """A checkpoint trained with ``changed`` (``field`` set) is refused by a trainer with ``base``, naming the field;
+    a checkpoint written before ``field`` existed reads as ``base`` (the field's default, the paper's value)."""
+    from nnunet_diffusion.trainer import check_diffusion_settings
+    with pytest.raises(ValueError, match=field):
+        check_diffusion_settings({"diffusion": changed.to_dict()}, base, "x")
+    old = {k: v for k, v in base.to_dict().items() if k != field}
+    assert DiffusionConfig.from_dict(old) == base
+
+
 def tiny_diffusion_net(dim: int = 3, image_channels: int = 1, num_classes: int = 3, deep_supervision=False,
                        arch: str = "plain", config: DiffusionConfig = DiffusionConfig()) -> DiffusionUNet:
     torch.manual_seed(0)
