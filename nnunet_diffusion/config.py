@@ -84,6 +84,14 @@ class DiffusionConfig:
         level from x_t (not the paper's). With one level (the image-only control) the time path is a learned
         constant per channel that the norms' own affine parameters could hold, so turning it off there measures
         only what its extra parameters do to training.
+    stock_image_init: the first convolution's weights on the image channels start at the scale stock nnU-Net gives
+        them (He initialisation with the image channels' fan-in, C_img x kernel volume) instead of the scale the
+        planned initialisation gives a convolution with C_img + C (or + 2 C) inputs, which is sqrt(C_img / (C_img +
+        C)) of it (half, for one image channel and 3 classes). The convolution is followed by a normalisation, so
+        the untrained network's output is the same either way, but its training is not: the gradient of a weight
+        before a normalisation scales as 1 / |w|, so SGD's relative step on those weights is (C_img + C) / C_img
+        times stock's (4x). With ``zero_init_mask_input`` the untrained network is then stock's U-Net on the
+        image, initialised as stock initialises it. Initialisation only (not the paper's; False keeps the paper's).
 
     The defaults are the paper's configuration; ``DiffusionTrainer`` may use another (see trainer.py).
     """
@@ -109,6 +117,7 @@ class DiffusionConfig:
     zero_noisiest_input: bool = False
     scale_mask_input: bool = False
     time_conditioning: bool = True
+    stock_image_init: bool = False
 
     def __post_init__(self) -> None:
         _check_int("num_steps", self.num_steps, self.num_base_levels)

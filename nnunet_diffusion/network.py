@@ -108,6 +108,16 @@ def zero_mask_input_weights(unet: nn.Module, num_image_channels: int, num_classe
         conv.weight[:, num_image_channels:].zero_()
 
 
+def stock_image_weights(unet: nn.Module, num_image_channels: int, num_mask_channels: int) -> None:
+    """Rescale the input convolution's weights on the image channels to the scale stock nnU-Net's network would
+    draw them at (``DiffusionConfig.stock_image_init``): the planned initialisation (He, or any with a standard
+    deviation proportional to 1 / sqrt(fan-in)) drew them for C_img + ``num_mask_channels`` inputs, so they are
+    multiplied by sqrt((C_img + num_mask_channels) / C_img)."""
+    conv = first_convolution(unet, num_image_channels + num_mask_channels)
+    with torch.no_grad():
+        conv.weight[:, :num_image_channels] *= math.sqrt((num_image_channels + num_mask_channels) / num_image_channels)
+
+
 def scale_mask_input(xt: torch.Tensor, t: torch.Tensor, num_classes: int, scale: torch.Tensor) -> torch.Tensor:
     """x_t's first ``num_classes`` channels times ``scale[t]`` per sample (``DiffusionConfig.scale_mask_input``,
     ``scale`` = sqrt(abar) per base level); channels after them (self-conditioning's estimate) unchanged."""
@@ -156,6 +166,8 @@ class DiffusionUNet(nn.Module):
         self.mask_channels = num_classes * (2 if config.self_condition else 1)
         if config.zero_init_mask_input:
             zero_mask_input_weights(unet, num_image_channels, self.mask_channels)
+        if config.stock_image_init:
+            stock_image_weights(unet, num_image_channels, self.mask_channels)
         # scale_mask_input: sqrt(abar_t) per base level t (a plain attribute, not a buffer: the weights'
         # state dict stays the same with and without it)
         self._input_scale = torch.tensor(base_alpha_bar(config.num_base_levels, config.beta_start,

@@ -276,7 +276,7 @@ def read_checkpoint(filename: str) -> dict:
 
 
 # settings that only decide how a network is initialised: trained weights mean the same whatever they were
-INITIALISATION_ONLY = frozenset({"zero_init_mask_input"})
+INITIALISATION_ONLY = frozenset({"zero_init_mask_input", "stock_image_init"})
 # settings that only decide what the trained network's chain returns (never used in training): the loading
 # trainer's value applies, as nnUNetv2_predict_diffusion --average-last overrides it too
 OUTPUT_ONLY = frozenset({"average_last", "start"})

@@ -23,7 +23,8 @@ __all__ = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTr
            "DiffusionTrainer_noisiestHalf", "DiffusionTrainer_defaultSelfCondition", "DiffusionTrainer_zeroStart",
            "DiffusionTrainer_chainRecycle", "DiffusionTrainer_scaledMaskInput", "DiffusionTrainer_imageOnly",
            "DiffusionTrainer_imageOnlyNoEma", "DiffusionTrainer_zeroInitChainMean",
-           "DiffusionTrainer_imageOnlyNoTime", "DiffusionTrainer_noTimeConditioning"]
+           "DiffusionTrainer_imageOnlyNoTime", "DiffusionTrainer_noTimeConditioning",
+           "DiffusionTrainer_stockImageInit", "DiffusionTrainer_imageOnlyNoTimeStockInit"]
 
 PAPER = DiffusionConfig()
 
@@ -153,6 +154,21 @@ class DiffusionTrainer_noTimeConditioning(DiffusionTrainer):
     the network is not told the level and reads it from x_t (which at the five levels differ plainly in how much
     noise they carry); no FiLM parameters, so the network is the planned U-Net with C more input channels."""
     diffusion = replace(DiffusionTrainer_zeroInitChainMean.diffusion, time_conditioning=False)
+
+
+class DiffusionTrainer_stockImageInit(DiffusionTrainer):
+    """The settings of ``DiffusionTrainer_zeroInitChainMean`` (the default of 2026-11-30) with the input
+    convolution's image weights initialised at stock nnU-Net's scale (``stock_image_init``), not at the half scale
+    the planned initialisation gives a convolution with 1 + 3 inputs: the untrained network is then stock's U-Net on
+    the image, and SGD moves those weights at stock's relative rate instead of 4x it."""
+    diffusion = replace(DiffusionTrainer_zeroInitChainMean.diffusion, stock_image_init=True)
+
+
+class DiffusionTrainer_imageOnlyNoTimeStockInit(DiffusionTrainer):
+    """The control ``DiffusionTrainer_imageOnlyNoTime`` with ``stock_image_init``: the mask weights are zero and stay
+    zero, there is no time path, and the image weights start as stock's do, so it trains stock nnU-Net's U-Net from
+    stock's initialisation; only the EMA of the weights (validation and export) remains different."""
+    diffusion = replace(DiffusionTrainer_imageOnlyNoTime.diffusion, stock_image_init=True)
 
 
 class DiffusionTrainer_noRecycle(DiffusionTrainer):

@@ -1,3 +1,4 @@
+import math
 from dataclasses import replace
 
 import pytest
@@ -338,3 +339,27 @@ def test_image_only_control_without_time_trains_the_stock_parameters(make_traine
     c = tr.label_manager.num_segmentation_heads
     assert untimed[first] == (stock[first][0], stock[first][1] + c, *stock[first][2:])
     assert set(timed) - set(untimed) and all(k.startswith(("time_", "encoder", "decoder")) for k in set(timed) - set(untimed))
+
+
+def test_stock_image_init_starts_the_image_weights_as_stock_does(make_trainer):
+    """``stock_image_init`` through nnU-Net's initialised trainers: the input convolution's image weights of
+    ``DiffusionTrainer_stockImageInit`` (and of the control ``DiffusionTrainer_imageOnlyNoTimeStockInit``) are
+    drawn at stock nnUNetTrainer's scale; the default's are drawn for 1 + C inputs, sqrt(1 / (1 + C)) of it. With
+    the same seed the two diffusion trainers' image weights differ by exactly that factor; the mask weights stay
+    zero."""
+    def first_conv(name):
+        torch.manual_seed(123)
+        net = make_trainer(name).network
+        net = getattr(net, "unet", net)
+        return next(m for m in net.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)).weight.detach()
+
+    stock = first_conv("nnUNetTrainer_1ep1it")
+    default = first_conv("DiffusionTrainer_1ep1it")
+    candidate = first_conv("DiffusionTrainer_stockImageInit_1ep1it")
+    control = first_conv("DiffusionTrainer_imageOnlyNoTimeStockInit_1ep1it")
+    c = default.shape[1] - stock.shape[1]
+    assert stock.shape[1] == 1 and c == 3 and stock.numel() >= 500  # enough weights for the scale checks below
+    torch.testing.assert_close(candidate[:, :1], default[:, :1] * math.sqrt(1 + c))
+    assert candidate[:, 1:].abs().max() == 0 and control[:, 1:].abs().max() == 0
+    for weights, ratio in ((candidate, 1.0), (control, 1.0), (default, math.sqrt(1 / (1 + c)))):
+        assert abs(weights[:, :1].std() / stock.std() - ratio) < 0.12 * ratio

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nnunet_diffusion.budget import make_budget_trainer
+from nnunet_diffusion.config import DiffusionConfig
 from nnunet_diffusion.sampling import encode_mask, full_resolution
 from nnunet_diffusion.trainer import check_diffusion_settings
 from nnunet_diffusion.variants import (DiffusionTrainer_1000steps, DiffusionTrainer_noDice,
@@ -183,7 +184,7 @@ def test_zero_init_mask_input_trainer_starts_blind_to_xt(make_trainer):
 
 
 def test_initialisation_only_settings_do_not_refuse_a_checkpoint():
-    """zero_init_mask_input decides only the initial weights: a model trained with the paper's initialisation
+    """zero_init_mask_input and stock_image_init decide only the initial weights: a model trained with the paper's initialisation
     loads into a trainer that zero-initialises (and back); a setting that changes training or sampling does not."""
     from nnunet_diffusion.variants import DiffusionTrainer_paper, DiffusionTrainer_zeroInitMaskInput
     paper, zero = DiffusionTrainer_paper.diffusion, DiffusionTrainer_zeroInitMaskInput.diffusion
@@ -191,6 +192,14 @@ def test_initialisation_only_settings_do_not_refuse_a_checkpoint():
     check_diffusion_settings({"diffusion": zero.to_dict()}, paper, "x")
     with pytest.raises(ValueError, match="recycle_source"):
         check_diffusion_settings({"diffusion": replace(zero, recycle_source="noise").to_dict()}, paper, "x")
+    # stock_image_init too; a checkpoint from before the field reads as the paper's initialisation
+    from nnunet_diffusion.variants import DiffusionTrainer_stockImageInit, DiffusionTrainer_zeroInitChainMean
+    stock_init, default = DiffusionTrainer_stockImageInit.diffusion, DiffusionTrainer_zeroInitChainMean.diffusion
+    assert stock_init == replace(default, stock_image_init=True)
+    check_diffusion_settings({"diffusion": stock_init.to_dict()}, default, "x")
+    check_diffusion_settings({"diffusion": default.to_dict()}, stock_init, "x")
+    old = {k: v for k, v in stock_init.to_dict().items() if k != "stock_image_init"}
+    assert DiffusionConfig.from_dict(old) == default
 
 
 def test_output_only_settings_do_not_refuse_a_checkpoint_and_a_refusal_names_the_matching_trainer():
