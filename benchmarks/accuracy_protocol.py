@@ -567,6 +567,12 @@ def _paired(dice: Dict[str, float], ref: Dict[str, float]):
     return np.mean(a), np.mean(r), np.mean(a) - np.mean(r), paired_tests(a, r)["t_pvalue"]
 
 
+def case_mean(per_run: List[Dict[str, float]]) -> Dict[str, float]:
+    """{case: mean Dice over ``per_run``} over the cases every run in ``per_run`` has."""
+    cases = sorted(set(per_run[0]).intersection(*per_run[1:]))
+    return {c: float(np.mean([d[c] for d in per_run])) for c in cases}
+
+
 def run_mean(result: Dict, name: str) -> Dict[str, Dict[str, float]]:
     """{mode: {case: mean Dice over every training run of ``name``}} (the run in ``methods`` and its
     ``earlier_runs``), over the cases and modes all those runs have. One run: its own Dice."""
@@ -575,10 +581,8 @@ def run_mean(result: Dict, name: str) -> Dict[str, Dict[str, float]]:
     means = {}
     for mode in (latest or {}).get("modes", {}):
         per_run = [r["modes"][mode] for r in runs if mode in r["modes"]]
-        if len(per_run) != len(runs):
-            continue
-        cases = sorted(set(per_run[0]).intersection(*per_run[1:]))
-        means[mode] = {c: float(np.mean([d[c] for d in per_run])) for c in cases}
+        if len(per_run) == len(runs):
+            means[mode] = case_mean(per_run)
     return means
 
 
@@ -737,8 +741,7 @@ def write_tables(result: Dict, out: str) -> None:
                         continue
                     # a stock run validated without this mode (--validation-only) has no cell; the mean is over
                     # the stock runs that have the mode
-                    cases = sorted(set(have[0]).intersection(*have[1:]))
-                    mean = {c: float(np.mean([r[c] for r in have])) for c in cases}
+                    mean = case_mean(have)
                     cells = []
                     for r in refs + [mean]:
                         if r is None:
