@@ -239,3 +239,25 @@ def test_time_conditioning_trainers_settings_and_refusal():
     untimed = DiffusionTrainer_noTimeConditioning.diffusion
     assert untimed == replace(DiffusionTrainer_zeroInitChainMean.diffusion, time_conditioning=False)
     assert_setting_refused_and_defaulted("time_conditioning", untimed, DiffusionTrainer_zeroInitChainMean.diffusion)
+
+
+@pytest.mark.parametrize("arch", ["plain", "residual"])
+def test_stock_image_init_keeps_the_untrained_output_and_quarters_the_relative_step(arch):
+    """stock_image_init (with zero_init_mask_input): the image weights are sqrt(1 + C) = 2 times those of the same
+    draw without it; the normalisation after the input convolution makes the untrained output the same, while the
+    relative gradient |dL/dw| / |w| on those weights, SGD's relative step, is a quarter (the default's is 4x stock's)."""
+    from dataclasses import replace
+    from nnunet_diffusion.config import DiffusionConfig
+    zero = replace(DiffusionConfig(), zero_init_mask_input=True)
+    image, xt = _inputs(3)
+    t = torch.tensor([1000, 250])
+    relative, outputs = [], []
+    for config in (zero, replace(zero, stock_image_init=True)):
+        net = tiny_diffusion_net(3, arch=arch, config=config)
+        out = net(image, xt, t)
+        out.square().mean().backward()
+        conv = next(m for m in net.unet.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
+        relative.append((conv.weight.grad[:, :1].norm() / conv.weight[:, :1].norm()).item())
+        outputs.append(out.detach())
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-3, atol=1e-4)
+    assert relative[1] == pytest.approx(relative[0] / 4, rel=1e-2)
