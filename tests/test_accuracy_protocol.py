@@ -364,3 +364,42 @@ def test_ema_summary_pairs_each_setting_with_its_raw_run_and_pools_per_case(tmp_
     assert "| g (a, b, c) | 3 | 2 |" in (tmp_path / "ema.md").read_text()
     with pytest.raises(SystemExit):
         ema_main([str(tmp_path), "--group", "g=a,zz"])
+
+
+def test_escape_summary_counts_late_runs_and_compares_the_on_time_runs(result, tmp_path):
+    """benchmarks/escape_summary.py: a run is late when its escape epoch is >= --late or it never escapes; the
+    on-time runs' Dice (one value per run) are compared with the first group's by Welch's t-test; FOLDER:method
+    takes one folder's runs only; a member without runs is refused."""
+    import copy
+    from escape_summary import main as escape_main
+    from scipy import stats
+    folder = tmp_path / "accuracy_cpu"
+    (folder / "logs").mkdir(parents=True)
+    stock_runs = [result["methods"]["nnUNetTrainer"]] + result["earlier_runs"]["nnUNetTrainer"]
+    extra = copy.deepcopy(stock_runs[0])
+    extra["modes"]["mirror"] = {c: v - 0.03 for c, v in extra["modes"]["mirror"].items()}
+    result["earlier_runs"]["nnUNetTrainer"].append(extra)
+    stock_runs.append(extra)
+    diff_runs = [result["methods"]["DiffusionTrainer_ema"]] + result["earlier_runs"]["DiffusionTrainer_ema"]
+    escapes = {"nnUNetTrainer": [1, None, 2], "DiffusionTrainer_ema": [2, 3, 0]}  # --late 3: one late run each
+    for name, runs in (("nnUNetTrainer", stock_runs), ("DiffusionTrainer_ema", diff_runs)):
+        for i, (run, esc) in enumerate(zip(runs, escapes[name])):
+            run["date"] = f"2026-11-29 1{i}:00 UTC"
+            curve = [(0.0, 0.7, 0.7 if esc is not None and e >= esc else 0.1) for e in range(4)]
+            _log(folder / "logs" / f"{run['trainer']}_training_log_2026_11_29_1{i}_00_00.txt", curve)
+    (folder / "accuracy.json").write_text(json.dumps(result))
+    out = tmp_path / "out"
+    assert escape_main([str(folder), "-o", str(out), "--late", "3", "--group", "stock=nnUNetTrainer",
+                        "--group", "diffusion=accuracy_cpu:DiffusionTrainer_ema"]) == 0
+    groups = json.loads((out / "escape.json").read_text())["groups"]
+    mean = lambda run: float(np.mean(list(run["modes"]["mirror"].values())))  # noqa: E731
+    assert (groups["stock"]["runs"], groups["stock"]["late"]) == (3, 1)
+    assert (groups["diffusion"]["runs"], groups["diffusion"]["late"]) == (3, 1)
+    on_time_stock, on_time_diff = [mean(stock_runs[0]), mean(stock_runs[2])], [mean(diff_runs[0]), mean(diff_runs[2])]
+    assert groups["stock"]["on_time_mean"] == pytest.approx(np.mean(on_time_stock))
+    assert groups["diffusion"]["on_time_delta"] == pytest.approx(np.mean(on_time_diff) - np.mean(on_time_stock))
+    assert groups["diffusion"]["welch_p"] == pytest.approx(
+        stats.ttest_ind(on_time_diff, on_time_stock, equal_var=False).pvalue)
+    assert groups["diffusion"]["fisher_p"] == pytest.approx(1.0)
+    with pytest.raises(SystemExit):
+        escape_main([str(folder), "-o", str(out), "--group", "stock=nnUNetTrainer", "--group", "x=other:nnUNetTrainer"])
