@@ -93,7 +93,10 @@ def main(argv=None) -> int:
         for m in wanted:
             folder, _, method = m.rpartition(":")
             found = [r for r in runs if r["method"] == method and (not folder or r["folder"] == folder)]
-            (members.extend(found) if found else missing.append(m))
+            if found:
+                members.extend(found)
+            else:
+                missing.append(m)
         if missing:
             ap.error(f"--group {name}: no training run of {missing} in {args.folders}")
         groups[name] = dict(summarise(members, args.late), members=wanted, run_list=members)
