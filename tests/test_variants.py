@@ -184,8 +184,9 @@ def test_zero_init_mask_input_trainer_starts_blind_to_xt(make_trainer):
 
 
 def test_initialisation_only_settings_do_not_refuse_a_checkpoint():
-    """zero_init_mask_input and stock_image_init decide only the initial weights: a model trained with the paper's initialisation
-    loads into a trainer that zero-initialises (and back); a setting that changes training or sampling does not."""
+    """zero_init_mask_input and stock_image_init decide only the initial weights: a model trained with the paper's
+    initialisation loads into a trainer that zero-initialises (and back); a setting that changes training or sampling
+    does not."""
     from nnunet_diffusion.variants import DiffusionTrainer_paper, DiffusionTrainer_zeroInitMaskInput
     paper, zero = DiffusionTrainer_paper.diffusion, DiffusionTrainer_zeroInitMaskInput.diffusion
     check_diffusion_settings({"diffusion": paper.to_dict()}, zero, "x")
