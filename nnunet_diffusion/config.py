@@ -10,6 +10,7 @@ PREDICTIONS = ("x0", "eps")
 SAMPLERS = ("ddpm", "ddim")
 RECYCLE_SOURCES = ("next", "noise", "chain")
 STARTS = ("noise", "zeros")
+RECYCLE_LOSSES = ("mean", "sum")
 
 
 def _check_int(name: str, value, high: int) -> None:
@@ -49,7 +50,13 @@ class DiffusionConfig:
         trained on the inputs the chain gives it at inference (no exposure bias; not the paper's). It replaces
         the single recycle pass, so ``supervise_recycle`` and ``self_condition`` do not combine with it.
     supervise_recycle: the recycle pass is also supervised (Dice + CE, with gradient); its x0_hat is still
-        detached before it builds x_t (the stop-gradient of eq. 9). The loss is the mean of the two passes'.
+        detached before it builds x_t (the stop-gradient of eq. 9). The loss combines the two passes' losses as
+        ``recycle_loss`` says.
+    recycle_loss: with ``supervise_recycle``, how the two passes' losses combine. ``"mean"``: their mean (each pass
+        weighs half a training step). ``"sum"``: their sum, so each pass gets the gradient of a whole training step
+        on the batch; with ``recycle_source = "noise"`` the recycle pass is then stock nnU-Net's training step (the
+        image alone must give the mask; the zero-initialised x_t weights see pure noise) and the level-k pass comes
+        on top of it. Not the paper's (it has no supervised recycle pass).
     average_last: m, inference: the segmentation is the mean softmax probability of the x0_hat estimates of
         the chain's last m steps (1: the last step's logits, the paper).
     zero_init_mask_input: initialise the first convolution's weights on the C mask channels (x_t) to zero, so
@@ -108,6 +115,7 @@ class DiffusionConfig:
     beta_end: float = BETA_END
     recycle_source: str = "next"
     supervise_recycle: bool = False
+    recycle_loss: str = "mean"
     average_last: int = 1
     zero_init_mask_input: bool = False
     ema_halflife: float = 0.0
@@ -130,6 +138,10 @@ class DiffusionConfig:
             raise ValueError("recycle_source 'chain' replaces the recycle pass: it does not combine with "
                              "supervise_recycle or self_condition")
         _check_choice("start", self.start, STARTS)
+        _check_choice("recycle_loss", self.recycle_loss, RECYCLE_LOSSES)
+        if self.recycle_loss != "mean" and not self.supervise_recycle:
+            raise ValueError("recycle_loss combines the losses of a supervised recycle pass: it needs "
+                             "supervise_recycle=True")
         _check_int("average_last", self.average_last, self.num_steps)
         _check_fraction("ema_halflife", self.ema_halflife, "a fraction of the run")
         if self.noisiest_share is not None:

@@ -118,10 +118,13 @@ class DiffusionTrainer(nnUNetTrainer):
         return self.loss(output, target)
 
     def compute_loss(self, data: torch.Tensor, target, noisy: NoisyBatch) -> torch.Tensor:
-        """The supervised pass's loss; with ``supervise_recycle`` the mean of it and the recycle pass's."""
+        """The supervised pass's loss; with ``supervise_recycle`` the mean or the sum (``recycle_loss``) of it and
+        the recycle pass's."""
         loss = self.loss_of(self.network(data, noisy.network_input(), noisy.t), target, noisy)
         if noisy.recycled is not None:
-            loss = 0.5 * (loss + self.loss_of(noisy.recycled.output, target, noisy.recycled.batch))
+            loss = loss + self.loss_of(noisy.recycled.output, target, noisy.recycled.batch)
+            if self.diffusion.recycle_loss == "mean":
+                loss = 0.5 * loss
         return loss
 
     def _build_loss(self):

@@ -24,7 +24,8 @@ __all__ = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTr
            "DiffusionTrainer_chainRecycle", "DiffusionTrainer_scaledMaskInput", "DiffusionTrainer_imageOnly",
            "DiffusionTrainer_imageOnlyNoEma", "DiffusionTrainer_zeroInitChainMean",
            "DiffusionTrainer_imageOnlyNoTime", "DiffusionTrainer_noTimeConditioning",
-           "DiffusionTrainer_stockImageInit", "DiffusionTrainer_imageOnlyNoTimeStockInit"]
+           "DiffusionTrainer_stockImageInit", "DiffusionTrainer_imageOnlyNoTimeStockInit",
+           "DiffusionTrainer_noisePassSum"]
 
 PAPER = DiffusionConfig()
 
@@ -169,6 +170,16 @@ class DiffusionTrainer_imageOnlyNoTimeStockInit(DiffusionTrainer):
     zero, there is no time path, and the image weights start as stock's do, so it trains stock nnU-Net's U-Net from
     stock's initialisation; only the EMA of the weights (validation and export) remains different."""
     diffusion = replace(DiffusionTrainer_imageOnlyNoTime.diffusion, stock_image_init=True)
+
+
+class DiffusionTrainer_noisePassSum(DiffusionTrainer):
+    """The settings of ``DiffusionTrainer_zeroInitChainMean`` (the default of 2026-11-30) with a supervised recycle
+    pass at level K whose loss is added, not averaged (``recycle_loss = "sum"``): every iteration is stock
+    nnU-Net's training step on the batch (the chain's first call: the image alone, x_t pure noise on zero-initialised
+    weights), plus the level-k denoising pass on x_t built from that call's detached prediction. Aimed at the
+    diagnosis that the chain's first call segments worse than stock (it is trained on a fifth of the samples)."""
+    diffusion = replace(DiffusionTrainer_zeroInitChainMean.diffusion, supervise_recycle=True, recycle_source="noise",
+                        recycle_loss="sum")
 
 
 class DiffusionTrainer_noRecycle(DiffusionTrainer):

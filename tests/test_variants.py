@@ -141,9 +141,11 @@ def test_supervised_recycle_from_noise_trains_the_chains_first_step(make_trainer
     torch.testing.assert_close(noisy.xt, schedule.q_sample(x0_hat, noisy.k, noisy.eps))
 
 
-@pytest.mark.parametrize("name,supervised", [("DiffusionTrainer_supervisedRecycle_1ep1it", True),
-                                             ("DiffusionTrainer_paper_1ep1it", False)])
-def test_supervised_recycle_loss_is_mean_of_both_passes(make_trainer, name, supervised):
+@pytest.mark.parametrize("name,supervised,scale", [("DiffusionTrainer_supervisedRecycle_1ep1it", True, 0.5),
+                                                   ("DiffusionTrainer_noisePassSum_1ep1it", True, 1.0),
+                                                   ("DiffusionTrainer_paper_1ep1it", False, None)])
+def test_supervised_recycle_loss_is_mean_or_sum_of_both_passes(make_trainer, name, supervised, scale):
+    """recycle_loss "mean" (the earlier behaviour) halves the two passes' summed loss, "sum" keeps it whole."""
     tr = make_trainer(name)
     data, target = _batch(tr)
     torch.manual_seed(3)
@@ -153,7 +155,7 @@ def test_supervised_recycle_loss_is_mean_of_both_passes(make_trainer, name, supe
     second = tr.loss(tr.network(data, noisy.xt, noisy.t), target)
     if supervised:
         first = tr.loss(noisy.recycled.output, target)
-        torch.testing.assert_close(loss, 0.5 * (first + second))
+        torch.testing.assert_close(loss, scale * (first + second))
         loss.backward()  # the recycle pass's parameters get gradient from its own loss
         assert tr.diffusion_network.time_proj.weight.grad is not None
     else:
@@ -253,3 +255,25 @@ def test_default_trainer_returns_the_mean_of_all_steps(make_trainer):
     assert K == 5 and isinstance(net.default_sampling, SamplingSettings)
     assert torch.allclose(out, mean, atol=1e-5)
     assert (out - last).abs().max() > 1e-3
+
+
+def test_noise_pass_sum_settings_validation_and_refusal():
+    """DiffusionTrainer_noisePassSum is the default of 2026-11-30 with a supervised level-K pass whose loss is
+    added; recycle_loss is checked, needs a supervised recycle pass, changes training (refused across
+    checkpoints), and a checkpoint from before the field reads as "mean"."""
+    from nnunet_diffusion.variants import DiffusionTrainer_noisePassSum, DiffusionTrainer_zeroInitChainMean
+    cfg = DiffusionTrainer_noisePassSum.diffusion
+    assert cfg == replace(DiffusionTrainer_zeroInitChainMean.diffusion, supervise_recycle=True,
+                          recycle_source="noise", recycle_loss="sum")
+    with pytest.raises(ValueError, match="recycle_loss must be one of"):
+        replace(cfg, recycle_loss="max")
+    with pytest.raises(ValueError, match="needs supervise_recycle"):
+        DiffusionConfig(recycle_loss="sum")
+    mean = replace(cfg, recycle_loss="mean")
+    with pytest.raises(ValueError, match="recycle_loss: checkpoint 'sum' vs trainer 'mean'"):
+        check_diffusion_settings({"diffusion": cfg.to_dict()}, mean, "x")
+    old = mean.to_dict()
+    del old["recycle_loss"]
+    check_diffusion_settings({"diffusion": old}, mean, "x")
+    with pytest.raises(ValueError, match="recycle_loss"):
+        check_diffusion_settings({"diffusion": old}, cfg, "x")
