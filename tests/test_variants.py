@@ -261,6 +261,7 @@ def test_noise_pass_sum_settings_validation_and_refusal():
     """DiffusionTrainer_noisePassSum is the default of 2026-11-30 with a supervised level-K pass whose loss is
     added; recycle_loss is checked, needs a supervised recycle pass, changes training (refused across
     checkpoints), and a checkpoint from before the field reads as "mean"."""
+    from conftest import assert_setting_refused_and_defaulted
     from nnunet_diffusion.variants import DiffusionTrainer_noisePassSum, DiffusionTrainer_zeroInitChainMean
     cfg = DiffusionTrainer_noisePassSum.diffusion
     assert cfg == replace(DiffusionTrainer_zeroInitChainMean.diffusion, supervise_recycle=True,
@@ -270,10 +271,9 @@ def test_noise_pass_sum_settings_validation_and_refusal():
     with pytest.raises(ValueError, match="needs supervise_recycle"):
         DiffusionConfig(recycle_loss="sum")
     mean = replace(cfg, recycle_loss="mean")
+    assert_setting_refused_and_defaulted("recycle_loss", cfg, mean)
     with pytest.raises(ValueError, match="recycle_loss: checkpoint 'sum' vs trainer 'mean'"):
         check_diffusion_settings({"diffusion": cfg.to_dict()}, mean, "x")
-    old = mean.to_dict()
-    del old["recycle_loss"]
-    check_diffusion_settings({"diffusion": old}, mean, "x")
+    old = {k: v for k, v in mean.to_dict().items() if k != "recycle_loss"}
     with pytest.raises(ValueError, match="recycle_loss"):
         check_diffusion_settings({"diffusion": old}, cfg, "x")
