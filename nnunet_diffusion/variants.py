@@ -10,6 +10,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
 from nnunet_diffusion.config import DiffusionConfig
 from nnunet_diffusion.sampling import full_resolution, logits_from_eps
 from nnunet_diffusion.trainer import DiffusionTrainer
@@ -25,7 +27,7 @@ __all__ = ["DiffusionTrainer_noRecycle", "DiffusionTrainer_noDice", "DiffusionTr
            "DiffusionTrainer_imageOnlyNoEma", "DiffusionTrainer_zeroInitChainMean",
            "DiffusionTrainer_imageOnlyNoTime", "DiffusionTrainer_noTimeConditioning",
            "DiffusionTrainer_stockImageInit", "DiffusionTrainer_imageOnlyNoTimeStockInit",
-           "DiffusionTrainer_noisePassSum"]
+           "DiffusionTrainer_noisePassSum", "nnUNetTrainer_doubleLoss"]
 
 PAPER = DiffusionConfig()
 
@@ -180,6 +182,27 @@ class DiffusionTrainer_noisePassSum(DiffusionTrainer):
     diagnosis that the chain's first call segments worse than stock (it is trained on a fifth of the samples)."""
     diffusion = replace(DiffusionTrainer_zeroInitChainMean.diffusion, supervise_recycle=True, recycle_source="noise",
                         recycle_loss="sum")
+
+
+class _ScaledLoss(torch.nn.Module):
+    """``scale`` times a loss module's value (a module, so nnU-Net can compile it like its own)."""
+
+    def __init__(self, loss: torch.nn.Module, scale: float):
+        super().__init__()
+        self.loss, self.scale = loss, scale
+
+    def forward(self, *args, **kwargs):
+        return self.scale * self.loss(*args, **kwargs)
+
+
+class nnUNetTrainer_doubleLoss(nnUNetTrainer):
+    """A control, not a candidate: stock nnU-Net with its loss (Dice + CE, deep supervision) doubled, so that every
+    gradient is twice stock's before nnU-Net's gradient-norm clipping at 12. ``DiffusionTrainer_noisePassSum`` adds
+    two stock-sized losses; this tells whether stock gains as much from the larger step alone. Logged training and
+    validation losses are doubled too."""
+
+    def _build_loss(self):
+        return _ScaledLoss(super()._build_loss(), 2.0)
 
 
 class DiffusionTrainer_noRecycle(DiffusionTrainer):

@@ -277,3 +277,20 @@ def test_noise_pass_sum_settings_validation_and_refusal():
     old = {k: v for k, v in mean.to_dict().items() if k != "recycle_loss"}
     with pytest.raises(ValueError, match="recycle_loss"):
         check_diffusion_settings({"diffusion": old}, cfg, "x")
+
+
+def test_double_loss_control_is_stock_with_twice_the_loss_and_gradient(make_trainer):
+    """nnUNetTrainer_doubleLoss (the loss-scale control of DiffusionTrainer_noisePassSum) computes stock nnU-Net's
+    deep-supervised Dice + CE on the same network and batch, times two, so its gradient is twice stock's."""
+    stock, double = make_trainer("nnUNetTrainer_1ep1it"), make_trainer("nnUNetTrainer_doubleLoss_1ep1it")
+    assert type(double).__mro__[2].__name__ == "nnUNetTrainer" and double.enable_deep_supervision
+    double.network.load_state_dict(stock.network.state_dict())
+    data, target = _batch(stock)
+    grads = []
+    for tr in (stock, double):
+        tr.network.zero_grad()
+        loss = tr.loss(tr.network(data), target)
+        loss.backward()
+        grads.append((loss.detach(), next(tr.network.parameters()).grad.clone()))
+    torch.testing.assert_close(grads[1][0], 2 * grads[0][0])
+    torch.testing.assert_close(grads[1][1], 2 * grads[0][1])
