@@ -42,14 +42,20 @@ from nnunet_diffusion.training import NoisyBatch, full_resolution_pass, make_noi
 class DiffusionTrainer(nnUNetTrainer):
     """nnU-Net trainer for the paper's diffusion model (K = 5, recycling, x0 prediction, Dice + CE) with the
     accuracy study's winners (README, Results): the input convolution's weights on the noisy-mask channels
-    start at zero (``zero_init_mask_input``) and the output is the mean probability of all K steps' x0_hat
-    (``average_last`` = K, also inside nnU-Net's validation and nnUNetv2_predict). Each was measured against the
-    default before it at equal budget. The exponential moving average of the weights (``ema_halflife``), part of
-    the default from 2026-11-29, was dropped on 2026-11-30: on the same training runs the trained weights predicted
-    better than their average. The paper's exact configuration is ``DiffusionTrainer_paper``; the previous
-    defaults are ``DiffusionTrainer_zeroInitChainMeanEma`` and ``DiffusionTrainer_zeroInitMaskInput``."""
+    start at zero (``zero_init_mask_input``), the output is the mean probability of all K steps' x0_hat
+    (``average_last`` = K, also inside nnU-Net's validation and nnUNetv2_predict), and, since 2026-12-01, the
+    recycle pass starts from pure noise at level K and is supervised, its loss added to the level-k pass's
+    (``supervise_recycle``, ``recycle_source = "noise"``, ``recycle_loss = "sum"``): each iteration is stock
+    nnU-Net's training step on the batch plus a denoising step. Each was measured against the default before it at
+    equal budget. The exponential moving average of the weights (``ema_halflife``), part of the default from
+    2026-11-29, was dropped on 2026-11-30: on the same training runs the trained weights predicted better than
+    their average. The paper's exact configuration is ``DiffusionTrainer_paper``; the previous defaults are
+    ``DiffusionTrainer_zeroInitChainMean``, ``DiffusionTrainer_zeroInitChainMeanEma`` and
+    ``DiffusionTrainer_zeroInitMaskInput``."""
 
-    diffusion: ClassVar[DiffusionConfig] = DiffusionConfig(zero_init_mask_input=True, average_last=5)
+    diffusion: ClassVar[DiffusionConfig] = DiffusionConfig(zero_init_mask_input=True, average_last=5,
+                                                           supervise_recycle=True, recycle_source="noise",
+                                                           recycle_loss="sum")
     skipped_updates: int = 0  # training steps whose loss was not finite
     _weight_average = None  # WeightAverage when diffusion.ema_halflife > 0, created on first use
     _raw_weights = None  # the trained weights while validation runs on the average

@@ -43,8 +43,8 @@ def test_no_recycle_builds_noisy_mask_from_ground_truth(make_trainer, config):
     torch.testing.assert_close(noisy.xt, tr.diffusion_network.training_schedule.q_sample(x0, noisy.k, noisy.eps))
 
 
-def test_default_trainer_recycles_from_next_level(make_trainer):
-    tr = make_trainer("DiffusionTrainer_1ep1it")
+def test_paper_trainer_recycles_from_next_level(make_trainer):
+    tr = make_trainer("DiffusionTrainer_paper_1ep1it")
     data, target = _batch(tr)
     rec = Recorder(tr.network)
     noisy = tr.make_noisy_batch(data, target)
@@ -63,6 +63,9 @@ def test_predict_noise_loss_includes_mse(make_trainer):
     loss = tr.compute_loss(data, target, noisy)
     out = tr.network(data, noisy.xt, noisy.t)
     mse = torch.nn.functional.mse_loss(out[0], noisy.eps)
+    if noisy.recycled is not None:  # the default's supervised recycle pass, summed: its MSE counts too
+        assert tr.diffusion.recycle_loss == "sum"
+        mse = mse + torch.nn.functional.mse_loss(noisy.recycled.output[0], noisy.recycled.batch.eps)
     # removing the MSE term must change the loss by exactly mse_weight * MSE
     tr.diffusion = replace(tr.diffusion, mse_weight=0.0)  # instance attribute shadows the class setting
     loss_without = tr.compute_loss(data, target, noisy)
@@ -143,6 +146,7 @@ def test_supervised_recycle_from_noise_trains_the_chains_first_step(make_trainer
 
 @pytest.mark.parametrize("name,supervised,scale", [("DiffusionTrainer_supervisedRecycle_1ep1it", True, 0.5),
                                                    ("DiffusionTrainer_noisePassSum_1ep1it", True, 1.0),
+                                                   ("DiffusionTrainer_1ep1it", True, 1.0),
                                                    ("DiffusionTrainer_paper_1ep1it", False, None)])
 def test_supervised_recycle_loss_is_mean_or_sum_of_both_passes(make_trainer, name, supervised, scale):
     """recycle_loss "mean" (the earlier behaviour) halves the two passes' summed loss, "sum" keeps it whole."""
@@ -207,15 +211,18 @@ def test_initialisation_only_settings_do_not_refuse_a_checkpoint():
 
 def test_output_only_settings_do_not_refuse_a_checkpoint_and_a_refusal_names_the_matching_trainer():
     """average_last decides only what the trained chain returns: a model trained with the last step as output
-    (``DiffusionTrainer_zeroInitMaskInput``'s settings, the default until 2026-11-29) loads into the default
-    trainer, whose chain averages all steps. A model trained with the EMA of the weights (the default of
+    (``DiffusionTrainer_zeroInitMaskInput``'s settings, the default until 2026-11-29) loads into
+    ``DiffusionTrainer_zeroInitChainMean`` (the default of 2026-11-30), whose chain averages all steps, and one
+    trained with the default's settings but the last step as output loads into the default trainer. A model trained with the EMA of the weights (the default of
     2026-11-29, ``DiffusionTrainer_zeroInitChainMeanEma``'s settings) is refused by the default trainer, which
     keeps none, and the error names the trainer that matches its settings."""
     from nnunet_diffusion.trainer import DiffusionTrainer
     from nnunet_diffusion.variants import DiffusionTrainer_zeroInitChainMeanEma, DiffusionTrainer_zeroInitMaskInput
+    from nnunet_diffusion.variants import DiffusionTrainer_zeroInitChainMean
     default = DiffusionTrainer.diffusion
     check_diffusion_settings({"diffusion": replace(default, average_last=1).to_dict()}, default, "x")
-    check_diffusion_settings({"diffusion": DiffusionTrainer_zeroInitMaskInput.diffusion.to_dict()}, default, "x")
+    check_diffusion_settings({"diffusion": DiffusionTrainer_zeroInitMaskInput.diffusion.to_dict()},
+                             DiffusionTrainer_zeroInitChainMean.diffusion, "x")
     with pytest.raises(ValueError, match="ema_halflife") as err:
         check_diffusion_settings({"diffusion": DiffusionTrainer_zeroInitChainMeanEma.diffusion.to_dict(),
                                   "trainer_name": "DiffusionTrainer"}, default, "x")
@@ -223,15 +230,18 @@ def test_output_only_settings_do_not_refuse_a_checkpoint_and_a_refusal_names_the
     assert "average_last" not in str(err.value).split("(")[1]  # not listed among the refused differences
 
 
-def test_default_is_the_ema_default_without_its_average():
-    """Since 2026-11-30 the default is ``DiffusionTrainer_zeroInitChainMeanEma``'s settings without the EMA of the
-    weights, which ``DiffusionTrainer_zeroInitChainMean`` keeps under its own name."""
+def test_default_is_the_noise_pass_sum_candidate():
+    """Since 2026-12-01 the default is ``DiffusionTrainer_noisePassSum``'s settings; the default before it, the
+    EMA default of 2026-11-29 without its average, is ``DiffusionTrainer_zeroInitChainMean``."""
     from nnunet_diffusion.trainer import DiffusionTrainer
-    from nnunet_diffusion.variants import DiffusionTrainer_zeroInitChainMean, DiffusionTrainer_zeroInitChainMeanEma
+    from nnunet_diffusion.variants import (DiffusionTrainer_noisePassSum, DiffusionTrainer_zeroInitChainMean,
+                                           DiffusionTrainer_zeroInitChainMeanEma)
     assert DiffusionTrainer_zeroInitChainMeanEma.diffusion.ema_halflife > 0
     assert DiffusionTrainer_zeroInitChainMean.diffusion == replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion,
                                                                    ema_halflife=0.0)
-    assert DiffusionTrainer.diffusion == DiffusionTrainer_zeroInitChainMean.diffusion
+    assert DiffusionTrainer.diffusion == DiffusionTrainer_noisePassSum.diffusion
+    assert (DiffusionTrainer.diffusion.supervise_recycle, DiffusionTrainer.diffusion.recycle_source,
+            DiffusionTrainer.diffusion.recycle_loss) == (True, "noise", "sum")
 
 
 def test_default_trainer_returns_the_mean_of_all_steps(make_trainer):
