@@ -299,7 +299,10 @@ def matching_trainers(settings: DiffusionConfig) -> List[str]:
     want = settings.to_dict()
     found = []
     for name in ["DiffusionTrainer", *variants.__all__]:
-        have = (DiffusionTrainer if name == "DiffusionTrainer" else getattr(variants, name)).diffusion.to_dict()
+        cls = DiffusionTrainer if name == "DiffusionTrainer" else getattr(variants, name)
+        if not issubclass(cls, DiffusionTrainer):  # a stock control such as nnUNetTrainer_doubleLoss
+            continue
+        have = cls.diffusion.to_dict()
         if all(have[k] == v for k, v in want.items() if k not in NOT_REFUSED):
             found.append((sum(have[k] != want[k] for k in NOT_REFUSED), name))
     return [name for _, name in sorted(found, key=lambda x: x[0])]
