@@ -206,7 +206,8 @@ class nnUNetTrainer_doubleLoss(nnUNetTrainer):
 
 
 class DiffusionTrainer_noRecycle(DiffusionTrainer):
-    """Noisy training masks from the ground truth instead of the recycled prediction (Table 2c)."""
+    """Noisy training masks from the ground truth instead of the recycled prediction (Table 2c). With the default
+    of 2026-12-01 this also drops its supervised level-K pass, which is the recycle pass: one pass per step."""
     diffusion = replace(DiffusionTrainer.diffusion, recycle=False)
 
 
