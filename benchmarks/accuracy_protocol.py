@@ -528,9 +528,10 @@ REFERENCES = [
      "configuration."),
     ("DiffusionTrainer_zeroInitMaskInput", "the previous default's configuration",
      "`DiffusionTrainer`'s default until 2026-11-29 (then replaced by `DiffusionTrainer_zeroInitChainMeanEma`)."),
-    ("DiffusionTrainer_zeroInitChainMeanEma", "the current default's configuration",
-     "`DiffusionTrainer`'s default is this configuration; a candidate replaces it only when significantly better "
-     "than its runs."),
+    ("DiffusionTrainer_zeroInitChainMeanEma", "the EMA default's configuration",
+     "`DiffusionTrainer`'s default from 2026-11-29 to 30 (on 2026-11-30 without its EMA, "
+     "`DiffusionTrainer_zeroInitChainMean`); replaced on 2026-12-01 by `DiffusionTrainer_noisePassSum`'s settings, "
+     "whose runs met the rule in NOTES.md."),
 ]
 
 

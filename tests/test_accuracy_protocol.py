@@ -251,8 +251,8 @@ def test_validation_dice_from_nnunet_summary_equals_the_segmentations(tmp_path):
         assert from_summary[c] == pytest.approx(scored[c], abs=1e-12)
 
 
-def test_candidates_are_compared_with_every_run_of_the_current_default(result, tmp_path):
-    """The current default was trained several times: a candidate's row holds its Δ against each of those runs
+def test_candidates_are_compared_with_every_run_of_the_ema_default(result, tmp_path):
+    """The EMA default was trained several times: a candidate's row holds its Δ against each of those runs
     (against one run alone it would be against that run's luck), and the default's own runs get no row."""
     from accuracy_protocol import write_tables
     rng = np.random.default_rng(1)
@@ -262,7 +262,7 @@ def test_candidates_are_compared_with_every_run_of_the_current_default(result, t
         r["trainer"] = f"{default}_12ep50it"
     result["methods"][default], result["earlier_runs"][default] = runs[0], runs[1:]
     write_tables(result, str(tmp_path))
-    section = (tmp_path / "accuracy.md").read_text().split("## Candidates against the current default's")[1]
+    section = (tmp_path / "accuracy.md").read_text().split("## Candidates against the EMA default's")[1]
     section = section.split("\n## ")[0]
     assert not [ln for ln in section.splitlines() if ln.startswith(f"| {default} |")]
     row = [ln for ln in section.splitlines() if ln.startswith("| DiffusionTrainer_ema | mirror |")][0]
