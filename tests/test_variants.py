@@ -213,12 +213,13 @@ def test_output_only_settings_do_not_refuse_a_checkpoint_and_a_refusal_names_the
     """average_last decides only what the trained chain returns: a model trained with the last step as output
     (``DiffusionTrainer_zeroInitMaskInput``'s settings, the default until 2026-11-29) loads into
     ``DiffusionTrainer_zeroInitChainMean`` (the default of 2026-11-30), whose chain averages all steps, and one
-    trained with the default's settings but the last step as output loads into the default trainer. A model trained with the EMA of the weights (the default of
-    2026-11-29, ``DiffusionTrainer_zeroInitChainMeanEma``'s settings) is refused by the default trainer, which
-    keeps none, and the error names the trainer that matches its settings."""
+    trained with the default's settings but the last step as output loads into the default trainer. A model
+    trained with the EMA of the weights (the default of 2026-11-29, ``DiffusionTrainer_zeroInitChainMeanEma``'s
+    settings) is refused by the default trainer, which keeps none, and the error names the trainer that matches
+    its settings."""
     from nnunet_diffusion.trainer import DiffusionTrainer
-    from nnunet_diffusion.variants import DiffusionTrainer_zeroInitChainMeanEma, DiffusionTrainer_zeroInitMaskInput
-    from nnunet_diffusion.variants import DiffusionTrainer_zeroInitChainMean
+    from nnunet_diffusion.variants import (DiffusionTrainer_zeroInitChainMean, DiffusionTrainer_zeroInitChainMeanEma,
+                                           DiffusionTrainer_zeroInitMaskInput)
     default = DiffusionTrainer.diffusion
     check_diffusion_settings({"diffusion": replace(default, average_last=1).to_dict()}, default, "x")
     check_diffusion_settings({"diffusion": DiffusionTrainer_zeroInitMaskInput.diffusion.to_dict()},
