@@ -1,0 +1,130 @@
+"""The README's copies of result tables, regenerated from (or checked against) the committed results files.
+
+    python benchmarks/readme_tables.py            # rewrite each copied table in README.md from its results file
+    python benchmarks/readme_tables.py --check    # exit 1 and name every table whose README copy differs
+
+Each entry of ``TABLES`` names a results file, the heading in it under which the table stands (the first
+table after that heading), and the first cells of the README table's header row, which find the copy in the
+README. Numbers are compared as written; the README writes a minus sign (U+2212) where the results files
+write "-", and may set cells in bold, so both are ignored when checking; the header row is the README's own
+(it may add units or notes), the rows under it must be the results file's. Only tables the README copies
+whole are listed; the README's other tables select or rearrange rows of these files and say which file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import List, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ACC = "results/Dataset004_Hippocampus/accuracy_cpu_12x50/accuracy.md"
+
+# (results file, heading above the table in it, first header cells of the README's copy)
+TABLES: List[Tuple[str, str, str]] = [
+    (ACC, "## Against every stock run and their mean", "| method | mode | Dice | Δ vs stock 2026-11-30 14:35 UTC"),
+    (ACC, "## Over all training runs", "| method | mode | runs | Dice of each run"),
+    (ACC, "## Training dynamics", "| method | run | escape epoch | lowest class pseudo Dice"),
+    ("results/Dataset004_Hippocampus/table1_gpu_10x80/table1.md", "# table1",
+     "| method | configuration | DS | NSD (1 mm)"),
+    ("results/Dataset004_Hippocampus/benchmark_cpu_quick/benchmark.md", "# DiffusionTrainer vs nnUNetTrainer",
+     "| quantity | nnUNetTrainer | DiffusionTrainer | ratio |"),
+    ("results/Dataset004_Hippocampus/benchmark_cpu_quick/benchmark.md", "| quantity |",
+     "| diffusion `--tta` | s / case |"),
+]
+
+_MINUS = re.compile(r"(?<![\w.])-(?=\d)")
+
+
+def _table_at(lines: List[str], start: int) -> Tuple[int, int]:
+    """(first, end) line indices of the table that starts at or after ``start``."""
+    first = next((i for i in range(start, len(lines)) if lines[i].startswith("|")), None)
+    if first is None:
+        raise ValueError("no table after line %d" % (start + 1))
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return first, end
+
+
+def source_table(path: str, heading: str) -> List[str]:
+    """The first table after ``heading`` in ``path`` (a table row as heading: the table after that one)."""
+    lines = open(os.path.join(ROOT, path), encoding="utf-8").read().split("\n")
+    at = next((i for i, line in enumerate(lines) if line.startswith(heading)), None)
+    if at is None:
+        raise ValueError(f"{path}: no line starts with {heading!r}")
+    if heading.startswith("|"):  # skip the table this row belongs to
+        at = _table_at(lines, at)[1]
+    first, end = _table_at(lines, at)
+    return lines[first:end]
+
+
+def readme_span(lines: List[str], header: str) -> Tuple[int, int]:
+    hits = [i for i, line in enumerate(lines) if line.startswith(header)]
+    if len(hits) != 1:
+        raise ValueError(f"README.md: {len(hits)} tables start with {header!r} (expected exactly one)")
+    return _table_at(lines, hits[0])
+
+
+def normalise(row: str) -> str:
+    return row.replace("\u2212", "-").replace("**", "").rstrip()
+
+
+def for_readme(row: str) -> str:
+    return _MINUS.sub("\u2212", row)
+
+
+def differences(readme: str) -> List[str]:
+    """One message per README table that differs from its results file (empty: all agree)."""
+    lines, out = readme.split("\n"), []
+    for path, heading, header in TABLES:
+        first, end = readme_span(lines, header)
+        # the rows under the header: the README's header may add units or notes to the results file's
+        copy = [normalise(r) for r in lines[first + 2:end]]
+        source = [normalise(r) for r in source_table(path, heading)[2:]]
+        if copy != source:
+            extra = [r for r in copy if r not in source]
+            missing = [r for r in source if r not in copy]
+            msg = f"README.md line {first + 1} ({header.strip('| ')[:40]}...) differs from {path}"
+            if extra:
+                msg += "\n  only in the README: " + extra[0] + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
+            if missing:
+                msg += "\n  only in the results: " + missing[0] + (
+                    f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+            if not extra and not missing:
+                msg += "\n  same rows, another order"
+            out.append(msg)
+    return out
+
+
+def regenerate(readme: str) -> str:
+    lines = readme.split("\n")
+    for path, heading, header in TABLES:
+        first, end = readme_span(lines, header)
+        lines[first + 2:end] = [for_readme(r) for r in source_table(path, heading)[2:]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 if a copy differs")
+    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    args = ap.parse_args(argv)
+    readme = open(args.readme, encoding="utf-8").read()
+    if args.check:
+        diffs = differences(readme)
+        for d in diffs:
+            print(d)
+        print(f"{len(TABLES) - len(diffs)} of {len(TABLES)} copied tables agree with their results files")
+        return 1 if diffs else 0
+    new = regenerate(readme)
+    if new != readme:
+        with open(args.readme, "w", encoding="utf-8") as f:
+            f.write(new)
+        print(f"rewrote {args.readme}")
+    else:
+        print("README.md already agrees with the results files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
