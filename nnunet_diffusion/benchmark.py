@@ -29,6 +29,8 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from nnunet_diffusion.config import DiffusionConfig
+
 
 class PeakRSS:
     """Peak resident-set-size growth (MiB) over a block, sampled from /proc every millisecond."""
@@ -224,6 +226,9 @@ def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", 
         "dataset": dataset_name, "configuration": config, "device": str(dev), "batch_size": batch_size,
         "patch_size": list(trainers["stock"].configuration_manager.patch_size),
         "repeats": repeats, "predict_cases": len(cases), "quick": quick,
+        # the default changes between releases: the settings that were timed
+        "diffusion_trainer": type(trainers["diffusion"]).__name__,
+        "diffusion_config": trainers["diffusion"].diffusion.to_dict(),
         "machine": dict(machine_info(device), torch_threads=torch.get_num_threads()),
         "torch_version": torch.__version__,
         "medians": med,
@@ -265,16 +270,23 @@ def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", 
     return report
 
 
+_PAPER = DiffusionConfig().to_dict()  # the paper's configuration (DiffusionTrainer_paper)
+
+
 def format_markdown(r: Dict) -> str:
     m = r["medians"]
     mach = r["machine"]
     where = mach["gpu"] or f"CPU ({mach['cpu']}, {mach['cpu_count']} cores, {mach['torch_threads']} torch threads)"
     lines = [f"# DiffusionTrainer vs nnUNetTrainer — {r['dataset']} {r['configuration']}", "",
              f"Device: {where}; torch {r['torch_version']}, nnunetv2 {mach['nnunetv2']}, {mach['date_utc']} UTC; batch {r['batch_size']}, patch {r['patch_size']}; "
-             f"medians over {r['repeats']} interleaved iterations and {r['predict_cases']} case(s).", "",
-             "| quantity | nnUNetTrainer | DiffusionTrainer | ratio |", "|---|---|---|---|",
-             f"| train iteration (s) | {m['train_iter_s']['stock']:.3f} | {m['train_iter_s']['diffusion']:.3f} | "
-             f"{r['train_iter_ratio']:.2f} |"]
+             f"medians over {r['repeats']} interleaved iterations and {r['predict_cases']} case(s).", ""]
+    if r.get("diffusion_config"):
+        changed = {k: v for k, v in r["diffusion_config"].items() if k in _PAPER and v != _PAPER[k]}
+        lines += [f"DiffusionTrainer: `{r['diffusion_trainer']}`, its settings that differ from the paper's "
+                  f"configuration: {', '.join(f'{k} = {v}' for k, v in changed.items()) or 'none'}.", ""]
+    lines += ["| quantity | nnUNetTrainer | DiffusionTrainer | ratio |", "|---|---|---|---|",
+              f"| train iteration (s) | {m['train_iter_s']['stock']:.3f} | {m['train_iter_s']['diffusion']:.3f} | "
+              f"{r['train_iter_ratio']:.2f} |"]
     pm = r["peak_mem_ratio"]
     lines.append(f"| peak memory of an iteration (MiB) | {m['peak_mem_mib']['stock']:.0f} | "
                  f"{m['peak_mem_mib']['diffusion']:.0f} | {'–' if pm is None else f'{pm:.2f}'} |")

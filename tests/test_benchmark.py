@@ -30,9 +30,14 @@ def test_quick_benchmark_writes_every_key(env, tmp_path):
         assert r["medians"]["train_iter_s"][k] > 0 and len(r["raw"]["train_iter_s"][k]) == 2
     assert all(v > 0 for v in r["medians"]["predict_case_s"].values())
     assert r["dice_diffusion"] is None and r["dice_stock"] is None  # --quick skips the training
+    # the timed settings are recorded: the default's, which differ from the paper's and change between releases
+    from nnunet_diffusion.trainer import DiffusionTrainer
+    assert r["diffusion_trainer"] == "DiffusionTrainer"
+    assert r["diffusion_config"] == DiffusionTrainer.diffusion.to_dict()
     md = open(out / "benchmark.md").read()
     # the markdown is generated from the JSON: every mode's row carries its measured time and both ratios
     for mode in modes:
         row = f"| {mode} | {m[mode]:.2f} | {r['predict_ratio'][mode]:.2f} | {r['predict_ratio_notta'][mode]:.2f} |"
         assert row in md
     assert f"| train iteration (s) | {r['medians']['train_iter_s']['stock']:.3f} |" in md
+    assert "supervise_recycle = True" in md and "recycle_loss = sum" in md
