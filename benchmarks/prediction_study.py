@@ -21,7 +21,11 @@ folder (``done`` marker) is reused.
    short-budget model of the same plans: the weights do not change the time), so its Dice is not reported and
    steps 2 and 3, which need a trained stock model, are skipped.
 2. Ensemble: ``nnUNetv2_ensemble --save_npz`` of the N-sample diffusion and the stock probabilities,
-   compared with stock alone (``nnunet-diffusion compare``: paired tests on per-case Dice).
+   compared with stock alone (``nnunet-diffusion compare``: paired tests on per-case Dice). With
+   ``--second-stock TRAINER`` (another training run of stock's network at the same budget), the control: the
+   ensemble of stock with that second model, by the same command, compared with stock and with the diffusion +
+   stock ensemble (any two models' ensemble tends to beat one; this measures what the diffusion model adds
+   beyond that); its entropy is scored in step 3 too.
 3. Uncertainty (``nnunet-diffusion uncertainty``): stock's softmax entropy (its ``--save_probabilities``),
    the diffusion model's entropy with one sample (the chosen mode), and with ``--num-samples N`` (entropy and
    mutual information), and the ensemble's entropy, each against its own errors, with per-case paired tests
@@ -47,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from accuracy_protocol import CONFIG, DATASET, DATASET_ID, bin_, sh, val_images  # noqa: E402
 
 RULE = 0.005
+TWO_STOCK = "stock + second stock ensemble (entropy)"
 
 
 def predict(cmd: List[str], folder: str, log: str) -> float:
@@ -100,6 +105,10 @@ def main(argv=None) -> int:
                     help="the stock model is only the timing reference: no stock Dice, no uncertainty or ensemble")
     ap.add_argument("--retime-stock", action="store_true",
                     help="time both stock runs a second time after the diffusion modes; their time is the mean")
+    ap.add_argument("--second-stock", default=None, metavar="TRAINER",
+                    help="a second model of stock's network, training and budget (another training run): the ensemble "
+                         "of stock with it is the control for the diffusion + stock ensemble (does the diffusion "
+                         "model add more to stock than a second stock model does?)")
     ap.add_argument("--uncertainty-mode", default=None,
                     help="TTA mode of the uncertainty and ensemble runs (default: the one the rule picks)")
     args = ap.parse_args(argv)
@@ -224,14 +233,32 @@ def main(argv=None) -> int:
             "--save_npz"], log)
         open(os.path.join(ens, "done"), "w").close()
 
+    # the control: stock with a second stock model, the same ensemble command
+    two = None
+    if args.second_stock:
+        second = os.path.join(study, "second_stock_mirror")
+        cmd = [bin_("nnUNetv2_predict"), *base, "-tr", args.second_stock]
+        seconds = predict(cmd, second, log)
+        runs["second_stock_mirror"] = {"command": " ".join([os.path.basename(cmd[0]), *cmd[1:], "-o", second]),
+                                       "folder": second, "seconds": round(seconds, 2), "dice": dice_of(second)}
+        two = os.path.join(study, "ensemble_stock_second_stock")
+        if not os.path.isfile(os.path.join(two, "done")) or not glob.glob(os.path.join(two, "*.npz")):
+            shutil.rmtree(two, ignore_errors=True)
+            sh([bin_("nnUNetv2_ensemble"), "-i", runs["stock_mirror"]["folder"], second, "-o", two, "-np", "1",
+                "--save_npz"], log)
+            open(os.path.join(two, "done"), "w").close()
+        save()
+
     # 3. uncertainty of every method against its own errors
     one = runs[f"tta_{mode}"]["folder"]
     n = f"diffusion, {args.num_samples} samples"
-    rep = uncertainty_report(gt, [runs["stock_mirror"]["folder"], one, ns_folder, ns_folder, ens],
-                             os.path.join(out, "uncertainty"),
-                             maps=["probabilities", "probabilities", "entropy", "mutual_info", "probabilities"],
-                             names=["stock (softmax entropy)", "diffusion, 1 sample (entropy)", f"{n} (entropy)",
-                                    f"{n} (mutual information)", f"{n} + stock ensemble (entropy)"])
+    folders = [runs["stock_mirror"]["folder"], one, ns_folder, ns_folder, ens]
+    maps = ["probabilities", "probabilities", "entropy", "mutual_info", "probabilities"]
+    names = ["stock (softmax entropy)", "diffusion, 1 sample (entropy)", f"{n} (entropy)",
+             f"{n} (mutual information)", f"{n} + stock ensemble (entropy)"]
+    if two:
+        folders, maps, names = folders + [two], maps + ["probabilities"], names + [TWO_STOCK]
+    rep = uncertainty_report(gt, folders, os.path.join(out, "uncertainty"), maps=maps, names=names)
     result["uncertainty"] = {k: {"dice": v["dice"]["mean"], "voxel_auroc": v["voxel"]["auroc"],
                                  "voxel_auprc": v["voxel"]["auprc"],
                                  "ece": (v["calibration"] or {}).get("ece"),
@@ -262,6 +289,19 @@ def main(argv=None) -> int:
                           "dice": report["summary"]["diffusion + stock ensemble"]["case"]["dice"]["mean"],
                           "stock_dice": report["summary"]["stock"]["case"]["dice"]["mean"],
                           "t_pvalue": report["tests"]["t_pvalue"], "verdict": report["verdict"]}
+    if two:
+        vs_stock = compare(two, runs["stock_mirror"]["folder"], gt, os.path.join(out, "two_stock_vs_stock"),
+                           names=["stock + second stock ensemble", "stock"])
+        vs_two = compare(ens, two, gt, os.path.join(out, "ensemble_vs_two_stock"),
+                         names=["diffusion + stock ensemble", "stock + second stock ensemble"])
+        result["ensemble"]["control"] = {
+            "second_stock": args.second_stock, "members": [runs["stock_mirror"]["folder"], runs["second_stock_mirror"]["folder"]],
+            "second_stock_dice": float(np.mean(list(runs["second_stock_mirror"]["dice"].values()))),
+            "dice": vs_stock["summary"]["stock + second stock ensemble"]["case"]["dice"]["mean"],
+            "vs_stock_t_pvalue": vs_stock["tests"]["t_pvalue"],
+            "diffusion_ensemble_minus_control": (result["ensemble"]["dice"]
+                                                 - vs_stock["summary"]["stock + second stock ensemble"]["case"]["dice"]["mean"]),
+            "diffusion_ensemble_vs_control_t_pvalue": vs_two["tests"]["t_pvalue"], "verdict": vs_two["verdict"]}
     save()
     write_md(result, out)
     print(open(os.path.join(out, "prediction.md")).read())
@@ -317,6 +357,14 @@ def write_md(result: Dict, out: str) -> None:
         lines += ["", "## Ensemble with stock (`nnUNetv2_ensemble`, mean of the probabilities)", "",
                   f"Dice {e['dice']:.4f} vs stock {e['stock_dice']:.4f} (paired t-test p = {e['t_pvalue']:.3g}): "
                   f"{e['verdict']}. Report: `ensemble_vs_stock/report.md`."]
+        if "control" in e:
+            c = e["control"]
+            lines += ["", f"Control: stock with a second stock model (`{c['second_stock']}`, Dice "
+                          f"{c['second_stock_dice']:.4f} alone), the same command: Dice {c['dice']:.4f} vs stock "
+                          f"{e['stock_dice']:.4f} (p = {c['vs_stock_t_pvalue']:.3g}; `two_stock_vs_stock/report.md`). "
+                          f"The diffusion + stock ensemble against it: {c['diffusion_ensemble_minus_control']:+.4f} "
+                          f"(p = {c['diffusion_ensemble_vs_control_t_pvalue']:.3g}): {c['verdict']} "
+                          "(`ensemble_vs_two_stock/report.md`)."]
     with open(os.path.join(out, "prediction.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
 
