@@ -26,6 +26,8 @@ TABLES: List[Tuple[str, str, str]] = [
     (ACC, "## Against every stock run and their mean", "| method | mode | Dice | Δ vs stock 2026-11-30 14:35 UTC"),
     (ACC, "## Over all training runs", "| method | mode | runs | Dice of each run"),
     (ACC, "## Training dynamics", "| method | run | escape epoch | lowest class pseudo Dice"),
+    ("results/Dataset004_Hippocampus/equal_time_cpu/equal_time.md", "# Methods across budgets",
+     "| method | folder | budget | runs | Dice of each run | Dice of the run mean | training s"),
     ("results/Dataset004_Hippocampus/table1_gpu_10x80/table1.md", "# table1",
      "| method | configuration | DS | NSD (1 mm)"),
     ("results/Dataset004_Hippocampus/benchmark_cpu_quick/benchmark.md", "# DiffusionTrainer vs nnUNetTrainer",
