@@ -21,19 +21,26 @@ from typing import List, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACC = "results/Dataset004_Hippocampus/accuracy_cpu_12x50/accuracy.md"
 
-# (results file, heading above the table in it, first header cells of the README's copy)
-TABLES: List[Tuple[str, str, str]] = [
+# (results file, heading above the table in it, first header cells of the README's copy[, a line of the README
+# that starts the search, where two copies have the same header])
+TABLES: List[tuple] = [
     (ACC, "## Against every stock run and their mean", "| method | mode | Dice | Δ vs stock 2026-11-30 14:35 UTC"),
     (ACC, "## Over all training runs", "| method | mode | runs | Dice of each run"),
     (ACC, "## Training dynamics", "| method | run | escape epoch | lowest class pseudo Dice"),
     ("results/Dataset004_Hippocampus/equal_time_cpu/equal_time.md", "# Methods across budgets",
      "| method | folder | budget | runs | Dice of each run | Dice of the run mean | training s"),
+    ("results/Dataset004_Hippocampus/prediction_cpu_12x50_noisePassSum/prediction.md", "## Uncertainty",
+     "| method | Dice | voxel AUROC | AUPRC | ECE | Brier | case-QC Spearman | worst-10% AUROC | expected Dice"),
     ("results/Dataset004_Hippocampus/table1_gpu_10x80/table1.md", "# table1",
      "| method | configuration | DS | NSD (1 mm)"),
+    ("results/Dataset004_Hippocampus/benchmark_cpu_quick_default/benchmark.md", "# DiffusionTrainer vs nnUNetTrainer",
+     "| quantity | nnUNetTrainer | DiffusionTrainer | ratio |", "benchmark_cpu_quick_default` (`benchmark.md`"),
+    ("results/Dataset004_Hippocampus/benchmark_cpu_quick_default/benchmark.md", "| quantity |",
+     "| diffusion `--tta` | s / case | ratio to stock with mirroring |"),
     ("results/Dataset004_Hippocampus/benchmark_cpu_quick/benchmark.md", "# DiffusionTrainer vs nnUNetTrainer",
-     "| quantity | nnUNetTrainer | DiffusionTrainer | ratio |"),
+     "| quantity | nnUNetTrainer | DiffusionTrainer | ratio |", "The paper's configuration, the default of then:"),
     ("results/Dataset004_Hippocampus/benchmark_cpu_quick/benchmark.md", "| quantity |",
-     "| diffusion `--tta` | s / case |"),
+     "| diffusion `--tta` | s / case | ratio to stock with mirroring (2.65 s)"),
 ]
 
 _MINUS = re.compile(r"(?<![\w.])-(?=\d)")
@@ -60,7 +67,17 @@ def source_table(path: str, heading: str) -> List[str]:
     return lines[first:end]
 
 
-def readme_span(lines: List[str], header: str) -> Tuple[int, int]:
+def readme_span(lines: List[str], header: str, anchor: str = None) -> Tuple[int, int]:
+    """The README table whose header starts with ``header``: the only one, or the first after the line that
+    contains ``anchor``."""
+    if anchor is not None:
+        at = [i for i, line in enumerate(lines) if anchor in line]
+        if len(at) != 1:
+            raise ValueError(f"README.md: {len(at)} lines contain {anchor!r} (expected exactly one)")
+        hit = next((i for i in range(at[0], len(lines)) if lines[i].startswith(header)), None)
+        if hit is None:
+            raise ValueError(f"README.md: no table starting with {header!r} after {anchor!r}")
+        return _table_at(lines, hit)
     hits = [i for i, line in enumerate(lines) if line.startswith(header)]
     if len(hits) != 1:
         raise ValueError(f"README.md: {len(hits)} tables start with {header!r} (expected exactly one)")
@@ -78,8 +95,8 @@ def for_readme(row: str) -> str:
 def differences(readme: str) -> List[str]:
     """One message per README table that differs from its results file (empty: all agree)."""
     lines, out = readme.split("\n"), []
-    for path, heading, header in TABLES:
-        first, end = readme_span(lines, header)
+    for path, heading, header, *anchor in TABLES:
+        first, end = readme_span(lines, header, *anchor)
         # the rows under the header: the README's header may add units or notes to the results file's
         copy = [normalise(r) for r in lines[first + 2:end]]
         source = [normalise(r) for r in source_table(path, heading)[2:]]
@@ -100,8 +117,8 @@ def differences(readme: str) -> List[str]:
 
 def regenerate(readme: str) -> str:
     lines = readme.split("\n")
-    for path, heading, header in TABLES:
-        first, end = readme_span(lines, header)
+    for path, heading, header, *anchor in TABLES:
+        first, end = readme_span(lines, header, *anchor)
         lines[first + 2:end] = [for_readme(r) for r in source_table(path, heading)[2:]]
     return "\n".join(lines)
 
