@@ -75,6 +75,16 @@ def calls_per_tile(mode: str, steps: int = 5, mirrorings: int = 8) -> int:
             "full": steps * mirrorings}[tta]
 
 
+def ensemble(members: List[str], folder: str, log: str) -> None:
+    """``nnUNetv2_ensemble --save_npz`` of ``members`` into ``folder`` unless done (probabilities kept, so the
+    ensemble's entropy can be scored too)."""
+    if os.path.isfile(os.path.join(folder, "done")) and glob.glob(os.path.join(folder, "*.npz")):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    sh([bin_("nnUNetv2_ensemble"), "-i", *members, "-o", folder, "-np", "1", "--save_npz"], log)
+    open(os.path.join(folder, "done"), "w").close()
+
+
 def mode_args(mode: str) -> List[str]:
     """``"chain"`` -> ``--tta chain --average-last 1`` (the last step's output); ``"chain:avg3"`` ->
     ``--tta chain --average-last 3``."""
@@ -227,11 +237,7 @@ def main(argv=None) -> int:
     # 2. ensemble with stock (mean of the two probability maps, nnU-Net's own command, probabilities kept so the
     # ensemble's entropy is scored too)
     ens = os.path.join(study, f"ensemble_{mode.replace(':', '_')}_samples{args.num_samples}_stock")
-    if not os.path.isfile(os.path.join(ens, "done")) or not glob.glob(os.path.join(ens, "*.npz")):
-        shutil.rmtree(ens, ignore_errors=True)
-        sh([bin_("nnUNetv2_ensemble"), "-i", ns_folder, runs["stock_mirror"]["folder"], "-o", ens, "-np", "1",
-            "--save_npz"], log)
-        open(os.path.join(ens, "done"), "w").close()
+    ensemble([ns_folder, runs["stock_mirror"]["folder"]], ens, log)
 
     # the control: stock with a second stock model, the same ensemble command
     two = None
@@ -242,11 +248,7 @@ def main(argv=None) -> int:
         runs["second_stock_mirror"] = {"command": " ".join([os.path.basename(cmd[0]), *cmd[1:], "-o", second]),
                                        "folder": second, "seconds": round(seconds, 2), "dice": dice_of(second)}
         two = os.path.join(study, "ensemble_stock_second_stock")
-        if not os.path.isfile(os.path.join(two, "done")) or not glob.glob(os.path.join(two, "*.npz")):
-            shutil.rmtree(two, ignore_errors=True)
-            sh([bin_("nnUNetv2_ensemble"), "-i", runs["stock_mirror"]["folder"], second, "-o", two, "-np", "1",
-                "--save_npz"], log)
-            open(os.path.join(two, "done"), "w").close()
+        ensemble([runs["stock_mirror"]["folder"], second], two, log)
         save()
 
     # 3. uncertainty of every method against its own errors
