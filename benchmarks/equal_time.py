@@ -8,9 +8,10 @@
 Each ``FOLDER:METHOD`` is a method of an accuracy-study folder (``benchmarks/accuracy_protocol.py`` writes its
 ``accuracy.json``; FOLDER is a path, or a base name under ``--root``), with every training run recorded there
 (the run in ``methods`` and its ``earlier_runs``). For each method: its budget, the Dice of each run, the
-per-case mean over its runs and each run's training seconds (nnU-Net's epoch times, summed); then each method
-against the reference: Δ of the per-case run means and the paired t-test over the cases every run has, and the
-ratio of the mean training seconds (method over reference). ``--mode`` picks the validation mode (default
+per-case mean over its runs and its training time, the least disturbed run's: the lowest median epoch time over
+its runs (nnU-Net's epoch times) times the budget's epochs; then each method against the reference: Δ of the
+per-case run means and the paired t-test over the cases every run has, and the ratio of the training times
+(method over reference). ``--mode`` picks the validation mode (default
 ``mirror``: nnU-Net's final validation with its default mirroring). The folders must record the same fold and
 split. Writes ``equal_time.json`` and ``equal_time.md``.
 """
@@ -107,9 +108,10 @@ def main(argv=None) -> int:
     os.makedirs(args.o, exist_ok=True)
     with open(os.path.join(args.o, "equal_time.json"), "w") as f:
         json.dump(result, f, indent=1)
+    md = format_markdown(result)
     with open(os.path.join(args.o, "equal_time.md"), "w") as f:
-        f.write(format_markdown(result))
-    print(format_markdown(result))
+        f.write(md)
+    print(md)
     return 0
 
 
