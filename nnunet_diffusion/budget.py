@@ -39,8 +39,8 @@ def validation_iterations(iterations: int) -> int:
 
 
 def _find_base(name: str) -> type:
-    from nnunet_diffusion import variants, trainer
-    for module in (trainer, variants):
+    from nnunet_diffusion import head_trainer, variants, trainer
+    for module in (trainer, variants, head_trainer):
         if hasattr(module, name):
             return getattr(module, name)
     import nnunetv2
