@@ -39,59 +39,16 @@ from typing import Dict, List
 
 import numpy as np
 
-DATASET, DATASET_ID, CONFIG = "Dataset004_Hippocampus", "4", "3d_fullres"
+from study_lib import (CONFIG, DATASET, DATASET_ID, case_mean, paired, prepare, run_label, sh, summary_dice,
+                       tool_path, val_images)
+
 DEFAULT_TRAINERS = ["nnUNetTrainer", "DiffusionTrainer_paper", "DiffusionTrainer_supervisedRecycleFromNoise"]
-
-
-def sh(cmd: List[str], log: str, env=None) -> None:
-    print("$ " + " ".join(cmd), flush=True)
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if rc != 0:
-        raise RuntimeError(f"{cmd[0]} failed ({rc}); see {log}")
-
-
-def bin_(name: str) -> str:
-    beside = os.path.join(os.path.dirname(sys.executable), name)
-    return beside if os.path.isfile(beside) else name
-
-
-def prepare(batch_size: int, log: str) -> str:
-    from nnunetv2.paths import nnUNet_preprocessed
-    plans = os.path.join(str(nnUNet_preprocessed), DATASET, "nnUNetPlans.json")
-    if not os.path.isfile(plans) or not os.path.isdir(os.path.join(str(nnUNet_preprocessed), DATASET,
-                                                                   "nnUNetPlans_3d_fullres")):
-        env = dict(os.environ)
-        env.pop("nnUNet_n_proc_DA", None)  # 0 breaks plan_and_preprocess (torch.set_num_threads(0))
-        sh([bin_("nnUNetv2_plan_and_preprocess"), "-d", DATASET_ID, "-c", CONFIG, "-np", "2"], log, env)
-    p = json.load(open(plans))
-    if p["configurations"][CONFIG]["batch_size"] != batch_size:
-        p["configurations"][CONFIG]["batch_size"] = batch_size
-        with open(plans, "w") as f:
-            json.dump(p, f, indent=1)
-    return plans
-
-
-def val_images(fold: int, work: str) -> List[str]:
-    """Links to the fold's validation images (nnU-Net's splits_final.json) in ``work/images``."""
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
-    splits = json.load(open(os.path.join(str(nnUNet_preprocessed), DATASET, "splits_final.json")))
-    cases = sorted(splits[fold]["val"])
-    folder = os.path.join(work, "images")
-    os.makedirs(folder, exist_ok=True)
-    for c in cases:
-        dst = os.path.join(folder, f"{c}_0000.nii.gz")
-        if not os.path.exists(dst):
-            os.symlink(os.path.realpath(os.path.join(str(nnUNet_raw), DATASET, "imagesTr", f"{c}_0000.nii.gz")), dst)
-    return cases
 
 
 def train(trainer: str, fold: int, device: str, out: str) -> Dict:
     from nnunetv2.paths import nnUNet_results
     fold_dir = os.path.join(str(nnUNet_results), DATASET, f"{trainer}__nnUNetPlans__{CONFIG}", f"fold_{fold}")
-    cmd = [bin_("nnUNetv2_train"), DATASET_ID, CONFIG, str(fold), "-tr", trainer, "-device", device]
+    cmd = [tool_path("nnUNetv2_train"), DATASET_ID, CONFIG, str(fold), "-tr", trainer, "-device", device]
     if not os.path.isfile(os.path.join(fold_dir, "validation", "summary.json")):
         if os.path.isfile(os.path.join(fold_dir, "checkpoint_latest.pth")):
             cmd.append("--c")
@@ -148,7 +105,7 @@ def train_repeats(bases: List[str], epochs: int, iters: int, repeats: int, jobs:
         for r in range(1, repeats + 1):
             root = os.path.join(str(nnUNet_results), DATASET, "accuracy_repeats", f"run{r}")
             fold_dir = os.path.join(root, DATASET, f"{trainer}__nnUNetPlans__{CONFIG}", f"fold_{fold}")
-            cmd = [bin_("nnUNetv2_train"), DATASET_ID, CONFIG, str(fold), "-tr", trainer, "-device", device]
+            cmd = [tool_path("nnUNetv2_train"), DATASET_ID, CONFIG, str(fold), "-tr", trainer, "-device", device]
             run = {"base": base, "run": r, "trainer": trainer, "fold_dir": fold_dir, "root": root,
                    "command": f"nnUNet_results=.../accuracy_repeats/run{r} nnUNetv2_train " + " ".join(cmd[1:])}
             runs.append(run)
@@ -198,9 +155,9 @@ def predict_unmirrored(trainer: str, fold: int, device: str, images: str, work: 
             "-npp", "1", "-nps", "1", "-i", images]
     log = os.path.join(out, "logs", f"{trainer}_predict.log")
     folders = {}
-    runs = [("off", [bin_("nnUNetv2_predict"), "--disable_tta"])] if not diffusion else \
-        [("off", [bin_("nnUNetv2_predict_diffusion"), "--tta", "off", "--average-last", "1", "--save-steps"])] + \
-        [(f"off_mean{m}", [bin_("nnUNetv2_predict_diffusion"), "--tta", "off", "--average-last", str(m)])
+    runs = [("off", [tool_path("nnUNetv2_predict"), "--disable_tta"])] if not diffusion else \
+        [("off", [tool_path("nnUNetv2_predict_diffusion"), "--tta", "off", "--average-last", "1", "--save-steps"])] + \
+        [(f"off_mean{m}", [tool_path("nnUNetv2_predict_diffusion"), "--tta", "off", "--average-last", str(m)])
          for m in sorted({2, 3, num_steps}) if 1 < m <= num_steps]
     for mode, cmd in runs:
         folder = os.path.join(work, trainer, mode)
@@ -485,16 +442,6 @@ def validation_dice(folder: str, gt: str) -> Dict[str, float]:
     return summary_dice(summary)
 
 
-def summary_dice(summary_file: str) -> Dict[str, float]:
-    """Per case, the mean over the labels of the Dice in an nnU-Net ``summary.json`` (its final validation)."""
-    dice = {}
-    for entry in json.load(open(summary_file))["metric_per_case"]:
-        case = os.path.basename(entry["prediction_file"])
-        case = case[:-len(".nii.gz")] if case.endswith(".nii.gz") else os.path.splitext(case)[0]
-        dice[case] = float(np.mean([m["Dice"] for m in entry["metrics"].values()]))
-    return dice
-
-
 def record_repeats(result: Dict, runs: List[Dict], gt: str, command: str) -> None:
     """Add the runs of :func:`train_repeats` to ``result``: per trainer, its newest run becomes ``methods[base]``
     and every other run (and a run recorded before) goes to ``earlier_runs[base]``; a run already recorded (same
@@ -540,7 +487,10 @@ def mode_label(trainer: str, mode: str) -> str:
     if mode != "mirror" or not trainer.startswith("Diffusion"):
         return mode
     from nnunet_diffusion.budget import make_budget_trainer
-    cfg = make_budget_trainer(trainer).diffusion
+    try:
+        cfg = make_budget_trainer(trainer).diffusion
+    except AttributeError:  # a study trainer that has left the package: its output setting is not known here
+        return mode
     return f"mirror, mean of {cfg.average_last}" if cfg.average_last > 1 else mode
 
 
@@ -560,20 +510,6 @@ def record_split(splits_file: str, out: str, fold: int) -> None:
                          "there were trained on another split. Use another -o, or nnU-Net's split of those runs.")
 
 
-def _paired(dice: Dict[str, float], ref: Dict[str, float]):
-    """Mean of ``dice`` and ``ref`` over their common cases, the difference and the paired t-test's p."""
-    from nnunet_diffusion.evaluation import paired_tests
-    cs = sorted(set(dice) & set(ref))
-    a, r = [dice[c] for c in cs], [ref[c] for c in cs]
-    return np.mean(a), np.mean(r), np.mean(a) - np.mean(r), paired_tests(a, r)["t_pvalue"]
-
-
-def case_mean(per_run: List[Dict[str, float]]) -> Dict[str, float]:
-    """{case: mean Dice over ``per_run``} over the cases every run in ``per_run`` has."""
-    cases = sorted(set(per_run[0]).intersection(*per_run[1:]))
-    return {c: float(np.mean([d[c] for d in per_run])) for c in cases}
-
-
 def run_mean(result: Dict, name: str) -> Dict[str, Dict[str, float]]:
     """{mode: {case: mean Dice over every training run of ``name``}} (the run in ``methods`` and its
     ``earlier_runs``), over the cases and modes all those runs have. One run: its own Dice."""
@@ -585,11 +521,6 @@ def run_mean(result: Dict, name: str) -> Dict[str, Dict[str, float]]:
         if len(per_run) == len(runs):
             means[mode] = case_mean(per_run)
     return means
-
-
-def run_label(entry: Dict, default: str = "earlier") -> str:
-    """A training run's name in the tables: its start, and its number when --repeats trained it."""
-    return entry.get("date", default) + (f" (run {entry['run']})" if "run" in entry else "")
 
 
 def runs_sentence(result: Dict) -> str:
@@ -667,7 +598,7 @@ def write_tables(result: Dict, out: str) -> None:
             ref_mode = "mirror" if mode == "mirror" else "off"
             cells = ["–", "–"]
             if stock is not None and name != "nnUNetTrainer" and ref_mode in stock["modes"]:
-                _, _, delta, p = _paired(dice, stock["modes"][ref_mode])
+                _, _, delta, p = paired(dice, stock["modes"][ref_mode])
                 cells = [f"{delta:+.4f}", f"{p:.2g}"]
             lines.append(f"| {name} | {mode_label(e['trainer'], mode)} | {np.mean(list(dice.values())):.4f} | "
                          f"{cells[0]} | {cells[1]} | "
@@ -695,7 +626,7 @@ def write_tables(result: Dict, out: str) -> None:
                     if not ref:
                         cells.append("–")
                         continue
-                    a, r, delta, p = _paired(dice, ref)
+                    a, r, delta, p = paired(dice, ref)
                     cells.append(f"{r:.4f} | {delta:+.4f} | {p:.2g}" if len(ref_runs) == 1
                                  else f"{delta:+.4f} ({r:.4f}; {p:.2g})")
                 lines.append(f"| {name} | {mode_label(e['trainer'], mode)} | {np.mean(list(dice.values())):.4f} | "
@@ -712,7 +643,7 @@ def write_tables(result: Dict, out: str) -> None:
                     ref = methods.get(name, {}).get("modes", {}).get(mode)
                     cells = ["–", "–"]
                     if ref:
-                        _, _, delta, p = _paired(dice, ref)
+                        _, _, delta, p = paired(dice, ref)
                         cells = [f"{delta:+.4f}", f"{p:.2g}"]
                     lines.append(f"| {name} | {run_label(run)} | {mode} | "
                                  f"{np.mean(list(dice.values())):.4f} | {cells[0]} | {cells[1]} |")
@@ -748,7 +679,7 @@ def write_tables(result: Dict, out: str) -> None:
                         if r is None:
                             cells.append("–")
                             continue
-                        _, _, delta, p = _paired(dice, r)
+                        _, _, delta, p = paired(dice, r)
                         cells.append(f"{delta:+.4f} ({p:.2g})" + (f" [{len(have)} runs]" if r is mean and
                                                                    len(have) < len(refs) else ""))
                     lines.append(f"| {label} | {mode_label(e['trainer'], mode)} | "
@@ -768,7 +699,7 @@ def write_tables(result: Dict, out: str) -> None:
                 ref = stock_mean.get("mirror" if mode == "mirror" else "off")
                 if not ref:
                     continue
-                a, r, delta, p = _paired(dice, ref)
+                a, r, delta, p = paired(dice, ref)
                 each = ", ".join(f"{np.mean(list(run['modes'][mode].values())):.4f}" for run in runs)
                 lines.append(f"| {name} | {mode_label(methods[name]['trainer'], mode)} | {len(runs)} | {each} | "
                              f"{a:.4f} | {r:.4f} | {delta:+.4f} | {p:.2g} |")
@@ -786,13 +717,13 @@ def write_tables(result: Dict, out: str) -> None:
             lines.append(f"| {r['method']} | {r['date']} | {'never' if r['escape_epoch'] is None else r['escape_epoch']} "
                          f"| {curve} | {'–' if r['last_train_loss'] is None else format(r['last_train_loss'], '.3f')} | "
                          f"{'–' if r['dice'] is None else format(r['dice'], '.4f')} |")
-        paired = [(r["escape_epoch"], r["dice"]) for r in dynamics if r["dice"] is not None]
-        if len(paired) >= 4 and len({a for a, _ in paired}) > 1:
+        escaped = [(r["escape_epoch"], r["dice"]) for r in dynamics if r["dice"] is not None]
+        if len(escaped) >= 4 and len({a for a, _ in escaped}) > 1:
             from scipy import stats
             never = 1 + max(len(r["min_class_pseudo_dice"]) for r in dynamics)
-            e, d = zip(*[(never if a is None else a, b) for a, b in paired])
+            e, d = zip(*[(never if a is None else a, b) for a, b in escaped])
             rho = stats.spearmanr(e, d)
-            lines += ["", f"Spearman's rho between escape epoch (never = {never}) and Dice over these {len(paired)} "
+            lines += ["", f"Spearman's rho between escape epoch (never = {never}) and Dice over these {len(escaped)} "
                           f"runs: {rho[0]:.2f} (p = {rho[1]:.2g})."]
     diag_path = os.path.join(out, "diagnosis.json")
     diag = json.load(open(diag_path)) if os.path.isfile(diag_path) else {}
@@ -808,7 +739,7 @@ def write_tables(result: Dict, out: str) -> None:
         for i, (step, dice) in enumerate(steps):
             gains = "| – | – |"
             if i and len(set(dice) & set(steps[0][1])) > 1:
-                before, first = _paired(dice, steps[i - 1][1]), _paired(dice, steps[0][1])
+                before, first = paired(dice, steps[i - 1][1]), paired(dice, steps[0][1])
                 gains = f"| {before[2]:+.4f} ({before[3]:.2g}) | {first[2]:+.4f} ({first[3]:.2g}) |"
             lines.append(f"| x0_hat of {step} | {np.mean(list(dice.values())):.4f} {gains}")
         for mode, dice in e["modes"].items():

@@ -25,12 +25,10 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy_protocol import bin_ as _bin  # noqa: E402  the command beside this interpreter
+from study_lib import REPO_ROOT, tool_path
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ZIP = os.path.join(HERE, "models", "Dataset004_Hippocampus_DiffusionTrainer.zip")
-DATA = os.path.join(HERE, "data", "Dataset504_HippocampusDemo")
+ZIP = os.path.join(REPO_ROOT, "models", "Dataset004_Hippocampus_DiffusionTrainer.zip")
+DATA = os.path.join(REPO_ROOT, "data", "Dataset504_HippocampusDemo")
 
 
 def _run(cmd, env, check=True) -> subprocess.CompletedProcess:
@@ -54,7 +52,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--zip", default=ZIP)
     ap.add_argument("--data", default=DATA, help="folder with imagesTs/ and labelsTs/ (default: the demo's)")
-    ap.add_argument("-o", default=os.path.join(HERE, "results", "Dataset004_Hippocampus", "release_check"))
+    ap.add_argument("-o", default=os.path.join(REPO_ROOT, "results", "Dataset004_Hippocampus", "release_check"))
     ap.add_argument("-device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args(argv)
     if not os.path.isfile(args.zip):
@@ -66,19 +64,19 @@ def main(argv=None) -> int:
     from nnunet_diffusion.machine import describe, machine_info
     from nnunet_diffusion.release import ChecksumError, DIGEST_KEY, check_zip
 
-    report = {"zip": os.path.relpath(args.zip, HERE), "zip_sha256": check_zip(args.zip),
+    report = {"zip": os.path.relpath(args.zip, REPO_ROOT), "zip_sha256": check_zip(args.zip),
               "zip_bytes": os.path.getsize(args.zip)}
     tmp = tempfile.mkdtemp(prefix="release_check_")
     try:
         env = dict(os.environ, nnUNet_results=os.path.join(tmp, "results"), nnUNet_raw=os.path.join(tmp, "raw"),
                    nnUNet_preprocessed=os.path.join(tmp, "pre"), nnUNet_extTrainer=trainers_path())
-        _run([_bin("nnUNetv2_install_pretrained_model_from_zip"), args.zip], env)
+        _run([tool_path("nnUNetv2_install_pretrained_model_from_zip"), args.zip], env)
         images, labels = os.path.join(args.data, "imagesTs"), os.path.join(args.data, "labelsTs")
         common = ["-i", images, "-d", "4", "-c", "3d_fullres", "-f", "all", "-tr", "DiffusionTrainer",
                   "-device", args.device, "-npp", "1", "-nps", "1"]
-        runs = {"nnUNetv2_predict (default mirroring)": [_bin("nnUNetv2_predict")],
+        runs = {"nnUNetv2_predict (default mirroring)": [tool_path("nnUNetv2_predict")],
                 "nnUNetv2_predict_diffusion --num-samples 4 --uncertainty (default --tta chain)":
-                    [_bin("nnUNetv2_predict_diffusion"), "--num-samples", "4", "--uncertainty"]}
+                    [tool_path("nnUNetv2_predict_diffusion"), "--num-samples", "4", "--uncertainty"]}
         report["predictions"] = {}
         for k, (name, cmd) in enumerate(runs.items()):
             out = os.path.join(tmp, f"pred{k}")
@@ -98,7 +96,7 @@ def main(argv=None) -> int:
         w[name].view(-1)[0] += 1e-2
         torch.save(ck, ck_path)
         bad = os.path.join(tmp, "bad")
-        proc = _run([_bin("nnUNetv2_predict"), *common, "-o", bad, "--disable_tta"], env, check=False)
+        proc = _run([tool_path("nnUNetv2_predict"), *common, "-o", bad, "--disable_tta"], env, check=False)
         written = sorted(f for f in os.listdir(bad) if f.endswith(".nii.gz")) if os.path.isdir(bad) else []
         lines = [ln for ln in proc.stderr.splitlines() if "SHA-256" in ln]
         report["corrupted_checkpoint"] = {"exit_code": proc.returncode, "error": lines[-1] if lines else None,
@@ -134,7 +132,7 @@ def main(argv=None) -> int:
           f"SHA-256 `{report['zip_sha256']}` ({report['zip_bytes'] / 2**20:.1f} MiB), checked against the "
           "`.sha256` file, then installed with `nnUNetv2_install_pretrained_model_from_zip` into an empty "
           "`nnUNet_results`.", "",
-          f"Mean foreground Dice on the {len(labels_list)} held-out cases of `{os.path.relpath(args.data, HERE)}` "
+          f"Mean foreground Dice on the {len(labels_list)} held-out cases of `{os.path.relpath(args.data, REPO_ROOT)}` "
           "(not in the training data):", "",
           "| command | mean Dice | per case | time |", "|---|---|---|---|"]
     for name, r in report["predictions"].items():

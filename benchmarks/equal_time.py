@@ -25,10 +25,7 @@ from typing import Dict
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy_protocol import _paired, case_mean, run_label  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from study_lib import REPO_ROOT, case_mean, paired, run_label
 
 
 def load_method(spec: str, root: str, mode: str) -> Dict:
@@ -59,7 +56,7 @@ def load_method(spec: str, root: str, mode: str) -> Dict:
     split_file = os.path.join(path, "splits_final.json")
     if os.path.isfile(split_file):
         split = sorted(json.load(open(split_file))[acc["fold"]]["val"])
-    return {"spec": spec, "folder": os.path.relpath(path, ROOT) if path.startswith(ROOT) else path,
+    return {"spec": spec, "folder": os.path.relpath(path, REPO_ROOT) if path.startswith(REPO_ROOT) else path,
             "method": method, "budget": acc["budget"], "fold": acc["fold"], "machine": acc.get("machine"),
             "split_val": split, "runs": runs}
 
@@ -80,7 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reference", required=True, help="FOLDER:METHOD every other method is compared with")
     ap.add_argument("--method", action="append", required=True, help="FOLDER:METHOD (repeatable)")
     ap.add_argument("--mode", default="mirror")
-    ap.add_argument("--root", default=os.path.join(ROOT, "results", "Dataset004_Hippocampus"),
+    ap.add_argument("--root", default=os.path.join(REPO_ROOT, "results", "Dataset004_Hippocampus"),
                     help="where FOLDER base names are looked up")
     args = ap.parse_args(argv)
 
@@ -94,7 +91,7 @@ def main(argv=None) -> int:
     rows = []
     for o in others:
         s = summarise(o)
-        mean_o, mean_r, delta, p = _paired(s["per_case_mean"], ref_sum["per_case_mean"])
+        mean_o, mean_r, delta, p = paired(s["per_case_mean"], ref_sum["per_case_mean"])
         ratio = s["training_s"] / ref_sum["training_s"] if s["training_s"] and ref_sum["training_s"] else None
         rows.append({"spec": o["spec"], "budget": o["budget"], "runs": len(o["runs"]),
                      "run_dice": [round(r["mean_dice"], 4) for r in o["runs"]],

@@ -47,8 +47,7 @@ from typing import Dict, List
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy_protocol import CONFIG, DATASET, DATASET_ID, bin_, sh, val_images  # noqa: E402
+from study_lib import CONFIG, DATASET, DATASET_ID, sh, tool_path, val_images
 
 RULE = 0.005
 TWO_STOCK = "stock + second stock ensemble (entropy)"
@@ -81,7 +80,7 @@ def ensemble(members: List[str], folder: str, log: str) -> None:
     if os.path.isfile(os.path.join(folder, "done")) and glob.glob(os.path.join(folder, "*.npz")):
         return
     shutil.rmtree(folder, ignore_errors=True)
-    sh([bin_("nnUNetv2_ensemble"), "-i", *members, "-o", folder, "-np", "1", "--save_npz"], log)
+    sh([tool_path("nnUNetv2_ensemble"), "-i", *members, "-o", folder, "-np", "1", "--save_npz"], log)
     open(os.path.join(folder, "done"), "w").close()
 
 
@@ -157,11 +156,11 @@ def main(argv=None) -> int:
     # 1. TTA modes and stock timings
     runs = result.setdefault("runs", {})
     for name, cmd, folder in (
-            [("stock_mirror", [bin_("nnUNetv2_predict"), *base, "-tr", args.stock],
+            [("stock_mirror", [tool_path("nnUNetv2_predict"), *base, "-tr", args.stock],
               os.path.join(study, "stock_mirror")),
-             ("stock_off", [bin_("nnUNetv2_predict"), *base, "-tr", args.stock, "--disable_tta"],
+             ("stock_off", [tool_path("nnUNetv2_predict"), *base, "-tr", args.stock, "--disable_tta"],
               os.path.join(study, "stock_off"))] +
-            [(f"tta_{m}", [bin_("nnUNetv2_predict_diffusion"), *base, "-tr", args.trainer, *mode_args(m)],
+            [(f"tta_{m}", [tool_path("nnUNetv2_predict_diffusion"), *base, "-tr", args.trainer, *mode_args(m)],
               os.path.join(study, f"tta_{m.replace(':', '_')}")) for m in args.modes]):
         seconds = predict(cmd, folder, log)
         runs[name] = {"command": " ".join([os.path.basename(cmd[0]), *cmd[1:], "-o", folder]), "folder": folder,
@@ -172,9 +171,9 @@ def main(argv=None) -> int:
         save()
     if args.retime_stock:
         # stock timed again after the diffusion modes (A B... A): its time is the mean of both runs
-        for name, cmd, folder in (("stock_mirror", [bin_("nnUNetv2_predict"), *base, "-tr", args.stock],
+        for name, cmd, folder in (("stock_mirror", [tool_path("nnUNetv2_predict"), *base, "-tr", args.stock],
                                    os.path.join(study, "stock_mirror_retime")),
-                                  ("stock_off", [bin_("nnUNetv2_predict"), *base, "-tr", args.stock, "--disable_tta"],
+                                  ("stock_off", [tool_path("nnUNetv2_predict"), *base, "-tr", args.stock, "--disable_tta"],
                                    os.path.join(study, "stock_off_retime"))):
             first = float(open(os.path.join(runs[name]["folder"], "done")).read())
             again = predict(cmd, folder, log)
@@ -226,7 +225,7 @@ def main(argv=None) -> int:
     # N samples in the chosen mode (for the ensemble and the uncertainty scores)
     mode = args.uncertainty_mode or chosen or args.modes[0]
     ns_folder = os.path.join(study, f"tta_{mode.replace(':', '_')}_samples{args.num_samples}")
-    cmd = [bin_("nnUNetv2_predict_diffusion"), *base, "-tr", args.trainer, *mode_args(mode), "--uncertainty",
+    cmd = [tool_path("nnUNetv2_predict_diffusion"), *base, "-tr", args.trainer, *mode_args(mode), "--uncertainty",
            "--num-samples", str(args.num_samples)]
     seconds = predict(cmd, ns_folder, log)
     runs[f"samples{args.num_samples}"] = {"command": " ".join([os.path.basename(cmd[0]), *cmd[1:], "-o", ns_folder]),
@@ -243,7 +242,7 @@ def main(argv=None) -> int:
     two = None
     if args.second_stock:
         second = os.path.join(study, "second_stock_mirror")
-        cmd = [bin_("nnUNetv2_predict"), *base, "-tr", args.second_stock]
+        cmd = [tool_path("nnUNetv2_predict"), *base, "-tr", args.second_stock]
         seconds = predict(cmd, second, log)
         runs["second_stock_mirror"] = {"command": " ".join([os.path.basename(cmd[0]), *cmd[1:], "-o", second]),
                                        "folder": second, "seconds": round(seconds, 2), "dice": dice_of(second)}

@@ -24,12 +24,12 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy_protocol import CONFIG, DATASET, DATASET_ID, prepare, summary_dice, train  # noqa: E402
+from accuracy_protocol import train
+from study_lib import CONFIG, DATASET, DATASET_ID, REPO_ROOT, prepare, summary_dice
 
 DEMO_HELD_OUT = [f"hippocampus_{i:03d}" for i in range(48, 54)]  # data/Dataset504_HippocampusDemo/imagesTs
 SPLIT = 5
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 
 def add_release_split(splits_file: str, cases) -> None:
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="override the planned batch size (CPU: 2)")
     ap.add_argument("--trainer", default="DiffusionTrainer")
     ap.add_argument("-device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("-o", default=os.path.join(HERE, "models", "Dataset004_Hippocampus_DiffusionTrainer.zip"))
+    ap.add_argument("-o", default=os.path.join(REPO_ROOT, "models", "Dataset004_Hippocampus_DiffusionTrainer.zip"))
     ap.add_argument("--overwrite", action="store_true", help="replace an existing release zip")
     args = ap.parse_args(argv)
 

@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 
 def _run(dice_mirror, dice_off, date):
@@ -22,37 +21,37 @@ def result():
     base = rng.uniform(0.7, 0.9, 12)
     stock = [_run(base + d, base + d - 0.01, f"s{i}") for i, d in enumerate((0.0, 0.02))]
     diff = [_run(base + d + rng.normal(0, 0.002, 12), base + d, f"d{i}") for i, d in enumerate((-0.02, 0.0, 0.01))]
-    for r, name in [(stock[0], "nnUNetTrainer_12ep50it")] + [(r, "DiffusionTrainer_ema_12ep50it") for r in diff]:
+    for r, name in [(stock[0], "nnUNetTrainer_12ep50it")] + [(r, "DiffusionTrainer_candidate_12ep50it") for r in diff]:
         r["trainer"] = name
     return {"dataset": "D", "configuration": "3d_fullres", "fold": 0, "num_cases": 12, "command": "c",
             "budget": {"epochs": 12, "iterations": 50, "batch_size": 2}, "device": "cpu",
             "machine": {"cpu": "x", "cpu_count": 2, "torch": "t", "nnunetv2": "n", "date_utc": "now"},
-            "methods": {"nnUNetTrainer": stock[0], "DiffusionTrainer_ema": diff[0]},
-            "earlier_runs": {"nnUNetTrainer": stock[1:], "DiffusionTrainer_ema": diff[1:]}}
+            "methods": {"nnUNetTrainer": stock[0], "DiffusionTrainer_candidate": diff[0]},
+            "earlier_runs": {"nnUNetTrainer": stock[1:], "DiffusionTrainer_candidate": diff[1:]}}
 
 
 def test_run_mean_averages_every_run_per_case(result):
     from accuracy_protocol import run_mean
-    runs = [result["methods"]["DiffusionTrainer_ema"]] + result["earlier_runs"]["DiffusionTrainer_ema"]
-    means = run_mean(result, "DiffusionTrainer_ema")
+    runs = [result["methods"]["DiffusionTrainer_candidate"]] + result["earlier_runs"]["DiffusionTrainer_candidate"]
+    means = run_mean(result, "DiffusionTrainer_candidate")
     for mode in ("mirror", "off"):
         for c, v in means[mode].items():
             assert v == pytest.approx(np.mean([r["modes"][mode][c] for r in runs]))
     # a case one run lacks is left out (a mean over fewer runs would mix run noise into the comparison)
     del runs[1]["modes"]["off"]["c3"]
-    assert "c3" not in run_mean(result, "DiffusionTrainer_ema")["off"]
-    assert "c3" in run_mean(result, "DiffusionTrainer_ema")["mirror"]
+    assert "c3" not in run_mean(result, "DiffusionTrainer_candidate")["off"]
+    assert "c3" in run_mean(result, "DiffusionTrainer_candidate")["mirror"]
 
 
 def test_tables_compare_run_means(result, tmp_path):
     from accuracy_protocol import write_tables
     write_tables(result, str(tmp_path))
     text = (tmp_path / "accuracy.md").read_text()
-    assert "except (runs): nnUNetTrainer 2, DiffusionTrainer_ema 3." in text
+    assert "except (runs): nnUNetTrainer 2, DiffusionTrainer_candidate 3." in text
     section = text.split("## Over all training runs")[1].split("\n## ")[0]
-    row = [ln for ln in section.splitlines() if ln.startswith("| DiffusionTrainer_ema | mirror |")][0].split(" | ")
+    row = [ln for ln in section.splitlines() if ln.startswith("| DiffusionTrainer_candidate | mirror |")][0].split(" | ")
     m = result["methods"]
-    runs = [m["DiffusionTrainer_ema"]] + result["earlier_runs"]["DiffusionTrainer_ema"]
+    runs = [m["DiffusionTrainer_candidate"]] + result["earlier_runs"]["DiffusionTrainer_candidate"]
     stock = [m["nnUNetTrainer"]] + result["earlier_runs"]["nnUNetTrainer"]
     mean = lambda rs: np.mean([np.mean(list(r["modes"]["mirror"].values())) for r in rs])  # noqa: E731
     assert row[2] == "3"
@@ -60,47 +59,48 @@ def test_tables_compare_run_means(result, tmp_path):
     assert float(row[5]) == pytest.approx(mean(stock), abs=1e-4)
     assert float(row[6]) == pytest.approx(mean(runs) - mean(stock), abs=1e-4)
     # the latest run alone would be 0.02 lower than the run mean: the table must not be that
-    assert abs(float(row[4]) - np.mean(list(m["DiffusionTrainer_ema"]["modes"]["mirror"].values()))) > 0.005
+    assert abs(float(row[4]) - np.mean(list(m["DiffusionTrainer_candidate"]["modes"]["mirror"].values()))) > 0.005
 
 
 def test_every_run_of_a_method_is_compared_with_every_stock_run(result, tmp_path):
     """"Against every stock run and their mean": a method trained three times has a row per run and mode, each
     run's own Δ against each stock run (not the latest run's Δ repeated)."""
-    from accuracy_protocol import _paired, run_label, write_tables
-    for i, r in enumerate([result["methods"]["DiffusionTrainer_ema"]] + result["earlier_runs"]["DiffusionTrainer_ema"]):
+    from study_lib import paired, run_label
+    from accuracy_protocol import write_tables
+    for i, r in enumerate([result["methods"]["DiffusionTrainer_candidate"]] + result["earlier_runs"]["DiffusionTrainer_candidate"]):
         r["date"] = f"2026-11-2{i} 10:00 UTC"
     write_tables(result, str(tmp_path))
     section = (tmp_path / "accuracy.md").read_text().split("## Against every stock run")[1].split("\n## ")[0]
     stock = [result["methods"]["nnUNetTrainer"]] + result["earlier_runs"]["nnUNetTrainer"]
-    runs = [result["methods"]["DiffusionTrainer_ema"]] + result["earlier_runs"]["DiffusionTrainer_ema"]
+    runs = [result["methods"]["DiffusionTrainer_candidate"]] + result["earlier_runs"]["DiffusionTrainer_candidate"]
     for run in runs:
         row = [ln for ln in section.splitlines()
-               if ln.startswith(f"| DiffusionTrainer_ema, {run_label(run)} | mirror |")]
+               if ln.startswith(f"| DiffusionTrainer_candidate, {run_label(run)} | mirror |")]
         assert len(row) == 1
         cells = row[0].split(" | ")
         for j, s in enumerate(stock):
             assert float(cells[3 + j].split()[0]) == pytest.approx(
-                _paired(run["modes"]["mirror"], s["modes"]["mirror"])[2], abs=1e-4)
+                paired(run["modes"]["mirror"], s["modes"]["mirror"])[2], abs=1e-4)
     # a stock run validated with mirroring only: no cell for the unmirrored modes, the mean over the others
     del result["methods"]["nnUNetTrainer"]["modes"]["off"]
     write_tables(result, str(tmp_path))
     section = (tmp_path / "accuracy.md").read_text().split("## Against every stock run")[1].split("\n## ")[0]
-    row = [ln for ln in section.splitlines() if ln.startswith(f"| DiffusionTrainer_ema, {run_label(runs[1])} | off |")]
+    row = [ln for ln in section.splitlines() if ln.startswith(f"| DiffusionTrainer_candidate, {run_label(runs[1])} | off |")]
     cells = row[0].split(" | ")
     assert cells[3] == "–" and cells[-1].endswith("[1 runs] |")
     assert float(cells[-1].split()[0]) == pytest.approx(
-        _paired(runs[1]["modes"]["off"], stock[1]["modes"]["off"])[2], abs=1e-4)
+        paired(runs[1]["modes"]["off"], stock[1]["modes"]["off"])[2], abs=1e-4)
 
 
 def test_per_step_table_comes_from_the_newest_run_that_has_it(result, tmp_path):
     """A --validation-only rerun has no unmirrored predictions: the per-step table stays, from the earlier run."""
     from accuracy_protocol import write_tables
-    earlier = result["earlier_runs"]["DiffusionTrainer_ema"]
+    earlier = result["earlier_runs"]["DiffusionTrainer_candidate"]
     earlier[0]["steps"] = {"step5": {"c0": 0.5}, "step1": {"c0": 0.7}}
     earlier[1]["steps"] = {"step5": {"c0": 0.1}, "step1": {"c0": 0.2}}
     write_tables(result, str(tmp_path))
     text = (tmp_path / "accuracy.md").read_text()
-    section = text.split("## Per-step diagnosis: DiffusionTrainer_ema_12ep50it (no mirroring, training run of d1)")[1]
+    section = text.split("## Per-step diagnosis: DiffusionTrainer_candidate_12ep50it (no mirroring, training run of d1)")[1]
     assert "| x0_hat of step5 | 0.5000 |" in section.split("\n## ")[0]
     assert "0.1000" not in text
 
@@ -119,21 +119,21 @@ def test_training_dynamics_finds_when_both_classes_are_learned(result, tmp_path)
     from accuracy_protocol import training_dynamics, write_tables
     (tmp_path / "logs").mkdir()
     result["methods"]["nnUNetTrainer"]["date"] = "2026-11-29 10:00 UTC"
-    result["earlier_runs"]["DiffusionTrainer_ema"][0]["date"] = "2026-11-29 11:30 UTC"
+    result["earlier_runs"]["DiffusionTrainer_candidate"][0]["date"] = "2026-11-29 11:30 UTC"
     # stock: one class learned first (epoch 1), both at epoch 2; the diffusion run never learns the second class
     _log(tmp_path / "logs" / "nnUNetTrainer_12ep50it_training_log_2026_11_29_10_00_05.txt",
          [(0.2, 0.0, 0.0), (-0.1, 0.7, 0.1), (-0.5, 0.8, 0.65), (-0.7, 0.85, 0.8)])
-    _log(tmp_path / "logs" / "DiffusionTrainer_ema_12ep50it_training_log_2026_11_29_11_30_59.txt",
+    _log(tmp_path / "logs" / "DiffusionTrainer_candidate_12ep50it_training_log_2026_11_29_11_30_59.txt",
          [(0.2, 0.0, 0.0), (-0.3, 0.9, 0.2), (-0.4, 0.9, 0.5)])
     rows = {r["method"]: r for r in training_dynamics(result, str(tmp_path))}
-    assert set(rows) == {"nnUNetTrainer", "DiffusionTrainer_ema"}  # runs without a log are left out
+    assert set(rows) == {"nnUNetTrainer", "DiffusionTrainer_candidate"}  # runs without a log are left out
     assert rows["nnUNetTrainer"]["escape_epoch"] == 2
     assert rows["nnUNetTrainer"]["min_class_pseudo_dice"] == [0.0, 0.1, 0.65, 0.8]
     assert rows["nnUNetTrainer"]["last_train_loss"] == -0.7
-    assert rows["DiffusionTrainer_ema"]["escape_epoch"] is None
+    assert rows["DiffusionTrainer_candidate"]["escape_epoch"] is None
     write_tables(result, str(tmp_path))
     section = (tmp_path / "accuracy.md").read_text().split("## Training dynamics")[1].split("\n## ")[0]
-    assert "| DiffusionTrainer_ema | 2026-11-29 11:30 UTC | never | 0.00 0.20 0.50 | -0.400 |" in section
+    assert "| DiffusionTrainer_candidate | 2026-11-29 11:30 UTC | never | 0.00 0.20 0.50 | -0.400 |" in section
 
 
 def test_repeated_runs_are_recorded_once_newest_first(result, tmp_path):
@@ -154,21 +154,21 @@ def test_repeated_runs_are_recorded_once_newest_first(result, tmp_path):
         pred = ref.copy()
         pred[1, 2:2 + wrong, 2] = 2
         sitk.WriteImage(sitk.GetImageFromArray(pred), str(fold_dir / "validation" / "c0.nii.gz"))
-        runs.append({"base": "DiffusionTrainer_ema", "run": r, "trainer": "DiffusionTrainer_ema_12ep50it",
+        runs.append({"base": "DiffusionTrainer_candidate", "run": r, "trainer": "DiffusionTrainer_candidate_12ep50it",
                      "fold_dir": str(fold_dir), "command": "c", "epoch_times_s": [1.0, 2.0],
-                     "training_log": f"DiffusionTrainer_ema_12ep50it_training_log_2026_12_01_10_0{r}_00.txt"})
-    before = result["methods"]["DiffusionTrainer_ema"]
-    n_earlier = len(result["earlier_runs"]["DiffusionTrainer_ema"])
+                     "training_log": f"DiffusionTrainer_candidate_12ep50it_training_log_2026_12_01_10_0{r}_00.txt"})
+    before = result["methods"]["DiffusionTrainer_candidate"]
+    n_earlier = len(result["earlier_runs"]["DiffusionTrainer_candidate"])
     record_repeats(result, runs, str(gt), "cmd")
-    latest = result["methods"]["DiffusionTrainer_ema"]
+    latest = result["methods"]["DiffusionTrainer_candidate"]
     assert latest["run"] == 2 and latest["date"] == "2026-12-01 10:02 UTC"
     assert latest["modes"]["mirror"]["c0"] < 1.0 and latest["training"]["training_s"] == 3.0
-    earlier = result["earlier_runs"]["DiffusionTrainer_ema"]
+    earlier = result["earlier_runs"]["DiffusionTrainer_candidate"]
     assert len(earlier) == n_earlier + 2 and before in earlier
     assert earlier[-1]["run"] == 1 and earlier[-1]["modes"]["mirror"]["c0"] == 1.0
     record_repeats(result, runs, str(gt), "cmd")  # a resumed invocation: nothing new
-    assert len(result["earlier_runs"]["DiffusionTrainer_ema"]) == n_earlier + 2
-    assert result["methods"]["DiffusionTrainer_ema"] is latest
+    assert len(result["earlier_runs"]["DiffusionTrainer_candidate"]) == n_earlier + 2
+    assert result["methods"]["DiffusionTrainer_candidate"] is latest
 
 
 def _finished_run(root, run, trainer, log_name, epoch_s):
@@ -265,9 +265,9 @@ def test_candidates_are_compared_with_every_run_of_the_ema_default(result, tmp_p
     section = (tmp_path / "accuracy.md").read_text().split("## Candidates against the EMA default's")[1]
     section = section.split("\n## ")[0]
     assert not [ln for ln in section.splitlines() if ln.startswith(f"| {default} |")]
-    row = [ln for ln in section.splitlines() if ln.startswith("| DiffusionTrainer_ema | mirror |")][0]
+    row = [ln for ln in section.splitlines() if ln.startswith("| DiffusionTrainer_candidate | mirror |")][0]
     cells = row.strip("| ").split(" | ")[3:]
-    cand = result["methods"]["DiffusionTrainer_ema"]["modes"]["mirror"]
+    cand = result["methods"]["DiffusionTrainer_candidate"]["modes"]["mirror"]
     assert len(cells) == len(runs)
     for cell, run in zip(cells, runs):
         ref = run["modes"]["mirror"]
@@ -297,30 +297,13 @@ def test_a_recorded_split_is_kept_and_another_fold_is_refused(tmp_path):
     assert (out / "splits_final.json").read_text() == recorded
 
 
-def test_sampling_study_settings_become_the_prediction_options():
-    """benchmarks/sampling_study.py: TTA:START:SAMPLER[:M][:raw] -> nnUNetv2_predict_diffusion's options; the
-    optional M sets --average-last, a last ``raw`` --weights raw; malformed settings are refused by name."""
-    from sampling_study import setting_args
-    assert setting_args("chain:zeros:ddim") == ["--tta", "chain", "--start", "zeros", "--sampler", "ddim"]
-    assert setting_args("off:noise:ddpm:1") == ["--tta", "off", "--start", "noise", "--sampler", "ddpm",
-                                                "--average-last", "1"]
-    assert setting_args("full:zeros:ddpm:1:raw") == ["--tta", "full", "--start", "zeros", "--sampler", "ddpm",
-                                                     "--average-last", "1", "--weights", "raw"]
-    assert setting_args("chain:noise:ddpm:raw") == ["--tta", "chain", "--start", "noise", "--sampler", "ddpm",
-                                                    "--weights", "raw"]
-    for bad in ("chain:noise", "chain:noise:ddpm:0", "chain:noise:ddpm:x", "mirror:noise:ddpm", "chain:noise:ddpm:1:2",
-                "chain:noise:raw", "chain:noise:ddpm:raw:1", "chain:noise:ddpm:1:2:raw"):
-        with pytest.raises(ValueError, match="TTA:START:SAMPLER"):
-            setting_args(bad)
-
-
 def test_per_step_table_gives_each_steps_paired_gain(result, tmp_path):
     """The per-step table's gains are paired over cases: each step against the step before and the first step."""
     from accuracy_protocol import write_tables
     from scipy import stats
     first, mid, last = {"c0": 0.5, "c1": 0.6, "c2": 0.7}, {"c0": 0.52, "c1": 0.6, "c2": 0.71}, \
         {"c0": 0.6, "c1": 0.59, "c2": 0.74}
-    result["methods"]["DiffusionTrainer_ema"]["steps"] = {"step3": first, "step2": mid, "step1": last}
+    result["methods"]["DiffusionTrainer_candidate"]["steps"] = {"step3": first, "step2": mid, "step1": last}
     write_tables(result, str(tmp_path))
     rows = {line.split(" | ")[0]: line.split(" | ") for line in (tmp_path / "accuracy.md").read_text().splitlines()
             if line.startswith("| x0_hat of")}
@@ -329,77 +312,3 @@ def test_per_step_table_gives_each_steps_paired_gain(result, tmp_path):
     p = stats.ttest_rel(list(last.values()), list(mid.values())).pvalue
     assert rows["| x0_hat of step1"][2] == f"{delta(last, mid):+.4f} ({p:.2g})"
     assert rows["| x0_hat of step1"][3].startswith(f"{delta(last, first):+.4f} (")
-
-
-def test_ema_summary_pairs_each_setting_with_its_raw_run_and_pools_per_case(tmp_path):
-    """benchmarks/ema_summary.py: per run, Δ = trained − average weights over the same cases, paired; per group, the
-    per-case mean Δ over the runs, t-tested against 0 over the cases (not the runs' means pooled as one sample)."""
-    from scipy import stats
-    from ema_summary import main as ema_main
-    rng = np.random.default_rng(0)
-    cases = [f"c{i}" for i in range(12)]
-    deltas = {}
-    for run, shift in (("a", 0.004), ("b", -0.004), ("c", 0.002)):
-        avg = {c: float(0.8 + 0.05 * rng.standard_normal()) for c in cases}
-        d = {c: float(shift + 0.003 * rng.standard_normal()) for c in cases}
-        raw = {c: avg[c] + d[c] for c in cases}
-        deltas[run] = d
-        rows = {"chain:noise:ddpm": {"per_case": avg, "dice": float(np.mean(list(avg.values())))},
-                "chain:noise:ddpm:raw": {"per_case": raw, "dice": float(np.mean(list(raw.values())))},
-                "off:noise:ddpm": {"per_case": avg, "dice": 0.0}}  # no raw partner: not a pair
-        (tmp_path / run).mkdir()
-        (tmp_path / run / "sampling.json").write_text(json.dumps({"trainer": f"T{run}", "rows": rows}))
-    assert ema_main([str(tmp_path), "--group", "g=a,b,c", "--group", "one=b"]) == 0
-    out = json.loads((tmp_path / "ema.json").read_text())
-    pa = out["runs"]["a"]["pairs"]
-    assert [p["setting"] for p in pa] == ["chain:noise:ddpm"]
-    assert pa[0]["delta"] == pytest.approx(np.mean(list(deltas["a"].values())))
-    assert pa[0]["p"] == pytest.approx(stats.ttest_rel([pa[0]["per_case_delta"][c] for c in cases], [0] * 12).pvalue)
-    per_case = [np.mean([deltas[r][c] for r in "abc"]) for c in cases]
-    g = out["groups"]["g"]
-    assert g["runs"] == 3 and g["positive_runs"] == 2
-    assert g["delta"] == pytest.approx(np.mean(per_case))
-    assert g["p"] == pytest.approx(stats.ttest_1samp(per_case, 0).pvalue)
-    assert out["groups"]["one"]["delta"] == pytest.approx(np.mean(list(deltas["b"].values())))
-    assert "| g (a, b, c) | 3 | 2 |" in (tmp_path / "ema.md").read_text()
-    with pytest.raises(SystemExit):
-        ema_main([str(tmp_path), "--group", "g=a,zz"])
-
-
-def test_escape_summary_counts_late_runs_and_compares_the_on_time_runs(result, tmp_path):
-    """benchmarks/escape_summary.py: a run is late when its escape epoch is >= --late or it never escapes; the
-    on-time runs' Dice (one value per run) are compared with the first group's by Welch's t-test; FOLDER:method
-    takes one folder's runs only; a member without runs is refused."""
-    import copy
-    from escape_summary import main as escape_main
-    from scipy import stats
-    folder = tmp_path / "accuracy_cpu"
-    (folder / "logs").mkdir(parents=True)
-    stock_runs = [result["methods"]["nnUNetTrainer"]] + result["earlier_runs"]["nnUNetTrainer"]
-    extra = copy.deepcopy(stock_runs[0])
-    extra["modes"]["mirror"] = {c: v - 0.03 for c, v in extra["modes"]["mirror"].items()}
-    result["earlier_runs"]["nnUNetTrainer"].append(extra)
-    stock_runs.append(extra)
-    diff_runs = [result["methods"]["DiffusionTrainer_ema"]] + result["earlier_runs"]["DiffusionTrainer_ema"]
-    escapes = {"nnUNetTrainer": [1, None, 2], "DiffusionTrainer_ema": [2, 3, 0]}  # --late 3: one late run each
-    for name, runs in (("nnUNetTrainer", stock_runs), ("DiffusionTrainer_ema", diff_runs)):
-        for i, (run, esc) in enumerate(zip(runs, escapes[name])):
-            run["date"] = f"2026-11-29 1{i}:00 UTC"
-            curve = [(0.0, 0.7, 0.7 if esc is not None and e >= esc else 0.1) for e in range(4)]
-            _log(folder / "logs" / f"{run['trainer']}_training_log_2026_11_29_1{i}_00_00.txt", curve)
-    (folder / "accuracy.json").write_text(json.dumps(result))
-    out = tmp_path / "out"
-    assert escape_main([str(folder), "-o", str(out), "--late", "3", "--group", "stock=nnUNetTrainer",
-                        "--group", "diffusion=accuracy_cpu:DiffusionTrainer_ema"]) == 0
-    groups = json.loads((out / "escape.json").read_text())["groups"]
-    mean = lambda run: float(np.mean(list(run["modes"]["mirror"].values())))  # noqa: E731
-    assert (groups["stock"]["runs"], groups["stock"]["late"]) == (3, 1)
-    assert (groups["diffusion"]["runs"], groups["diffusion"]["late"]) == (3, 1)
-    on_time_stock, on_time_diff = [mean(stock_runs[0]), mean(stock_runs[2])], [mean(diff_runs[0]), mean(diff_runs[2])]
-    assert groups["stock"]["on_time_mean"] == pytest.approx(np.mean(on_time_stock))
-    assert groups["diffusion"]["on_time_delta"] == pytest.approx(np.mean(on_time_diff) - np.mean(on_time_stock))
-    assert groups["diffusion"]["welch_p"] == pytest.approx(
-        stats.ttest_ind(on_time_diff, on_time_stock, equal_var=False).pvalue)
-    assert groups["diffusion"]["fisher_p"] == pytest.approx(1.0)
-    with pytest.raises(SystemExit):
-        escape_main([str(folder), "-o", str(out), "--group", "stock=nnUNetTrainer", "--group", "x=other:nnUNetTrainer"])

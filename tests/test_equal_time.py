@@ -5,8 +5,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import equal_time  # noqa: E402
+import equal_time
 
 CASES = [f"case_{i}" for i in range(6)]
 
@@ -52,7 +51,7 @@ def test_committed_runs_reproduce_the_accuracy_tables_over_all_runs_row(tmp_path
     equal_time.main(["-o", str(tmp_path), "--reference", "accuracy_cpu_12x50:nnUNetTrainer",
                      "--method", "accuracy_cpu_12x50:DiffusionTrainer_noisePassSum"])
     c = json.load(open(tmp_path / "equal_time.json"))["comparisons"][0]
-    md = open(os.path.join(equal_time.ROOT, "results", "Dataset004_Hippocampus", "accuracy_cpu_12x50",
+    md = open(os.path.join(equal_time.REPO_ROOT, "results", "Dataset004_Hippocampus", "accuracy_cpu_12x50",
                            "accuracy.md")).read()
     row = next(line for line in md.splitlines() if line.startswith("| DiffusionTrainer_noisePassSum | mirror, mean of 5 | 3 |"))
     assert f"| {c['dice_run_mean']:.4f} | {c['reference_dice_run_mean']:.4f} | {c['delta']:+.4f} | {c['p']:.2g} |" in row

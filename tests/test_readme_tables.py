@@ -2,8 +2,7 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import readme_tables  # noqa: E402
+import readme_tables
 
 README = os.path.join(readme_tables.ROOT, "README.md")
 
