@@ -6,7 +6,8 @@ tensor or a list of tensors (deep supervision; element 0 is full resolution).
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -202,6 +203,79 @@ def reverse_step(schedule: Schedule, x0_hat: torch.Tensor, xt: torch.Tensor, k: 
         eps_hat = (xt - abar ** 0.5 * x0_hat) / (1.0 - abar) ** 0.5
         return abar_prev ** 0.5 * x0_hat + (1.0 - abar_prev) ** 0.5 * eps_hat
     raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], NetworkOutput]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the reverse chain: level index ``k`` (K ... 1), its base level ``t``, the input ``xt`` the
+    denoiser saw, its estimate ``x0_hat`` ``(B, C, *spatial)`` on the +-1 scale and the segmentation ``logits``
+    (a tensor, or a list per scale under deep supervision; element 0 full resolution)."""
+    k: int
+    t: int
+    xt: torch.Tensor
+    x0_hat: torch.Tensor
+    logits: NetworkOutput
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """Softmax of the full-resolution logits, float32 ``(B, C, *spatial)``."""
+        return torch.softmax(full_resolution(self.logits).float(), dim=1)
+
+
+def p_sample_progressive(denoise: Denoiser, shape: Sequence[int], schedule: Schedule, *, sampler: str = "ddpm",
+                         prediction: str = "x0", generator: Optional[torch.Generator] = None,
+                         noise: Optional[Iterable[torch.Tensor]] = None, device=None,
+                         dtype: torch.dtype = torch.float32) -> Iterator[Step]:
+    """The reverse chain (METHOD.md section 4) as a generator of its :class:`Step` s, without gradient.
+
+    ``denoise(x_t, t)``: one network call on x_t ``shape`` = ``(B, C, *spatial)`` at base levels t ``(B,)``
+    (long); whatever else the network sees (the image, cached features, a mirroring) is bound by the caller.
+
+      1. x_K ~ N(0, I) of ``shape``;
+      2. for k = K ... 1: out = denoise(x_k, t_k), x0_hat and logits from out (``prediction``), yield the step;
+         if k > 1: x_{k-1} = c0_k x0_hat + ct_k x_k + sqrt(beta_tilde_k) z   (DDPM)
+                   x_{k-1} = sqrt(abar_{k-1}) x0_hat + sqrt(1 - abar_{k-1}) eps_hat   (DDIM, eta = 0).
+
+    ``noise``: the tensors to use, x_K first, then z for k = K ... 2 (DDIM uses only x_K), e.g. noise attached to
+    the voxels of a whole case; otherwise they are drawn from ``generator`` on ``device`` in that order.
+    Consumers decide what the chain returns: :func:`mean_of_last`, or every step (per-step outputs,
+    uncertainty)."""
+    _check_choice("sampler", sampler, ("ddpm", "ddim"))
+    shape = tuple(shape)
+    draws = iter(noise) if noise is not None else None
+
+    def draw() -> torch.Tensor:
+        if draws is not None:
+            z = next(draws).to(device=device, dtype=torch.float32)
+            if tuple(z.shape) != shape:
+                raise ValueError(f"noise of shape {tuple(z.shape)} for a chain of shape {shape}")
+            return z
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+    with torch.no_grad():
+        xt = draw()
+        for k in range(schedule.num_steps, 0, -1):
+            t_k = int(schedule.timesteps[k - 1])
+            t = torch.full((shape[0],), t_k, dtype=torch.long, device=xt.device)
+            x0_hat, logits = interpret_output(denoise(xt.to(dtype), t), xt, float(schedule.alpha_bar[k - 1]),
+                                              prediction)
+            yield Step(k, t_k, xt, x0_hat, logits)
+            if k > 1:
+                xt = reverse_step(schedule, x0_hat, xt, k, sampler, draw)
+
+
+def mean_of_last(steps: Iterable[Step], m: int) -> NetworkOutput:
+    """The chain's output: the log of the mean softmax probability of the last ``m`` steps' logits (k = m ... 1),
+    so that a softmax of it gives that mean; ``m`` = 1: the last step's logits unchanged (the paper)."""
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"the number of steps to average must be an integer >= 1, got {m!r}")
+    kept = [step.logits for step in steps if step.k <= m]
+    if not kept:
+        raise ValueError("the chain yielded no step")
+    return mean_probability_logits(kept)
 
 
 @torch.no_grad()

@@ -2,8 +2,15 @@ import pytest
 import torch
 
 from nnunet_diffusion.config import SamplingSettings
-from nnunet_diffusion.sampling import encode_mask, mask_from_logits, p_sample_loop
+from nnunet_diffusion.sampling import encode_mask, mask_from_logits, mean_of_last, p_sample_progressive
 from nnunet_diffusion.schedule import Schedule
+
+
+def p_sample_loop(fn, image, schedule, num_classes, average_last=1, **kwargs):
+    """The chain's output for ``fn(image, x_t, t)`` (the image bound here): mean of the last steps."""
+    shape = (image.shape[0], num_classes, *image.shape[2:])
+    return mean_of_last(p_sample_progressive(lambda xt, t: fn(image, xt, t), shape, schedule, **kwargs),
+                        average_last)
 
 
 def oracle(x0):
@@ -156,55 +163,20 @@ def test_chain_matches_an_independent_loop_on_an_input_dependent_network(sampler
 
 def test_average_last_is_the_mean_of_the_recorded_step_probabilities():
     """average_last = m returns log(mean softmax of the last m steps' logits), checked against the per-step
-    logits the hook records; m = 1 returns the last step's logits unchanged."""
+    logits the generator yields; m = 1 returns the last step's logits unchanged."""
     torch.manual_seed(0)
     w = torch.randn(3, 3)
     fn = lambda image, xt, t: torch.einsum("ij,bjhw->bihw", w, xt) + t.view(-1, 1, 1, 1) / 500.0  # noqa: E731
     noise = [torch.randn(1, 3, 4, 4) for _ in range(5)]
-    steps = {}
-    last = p_sample_loop(fn, torch.zeros(1, 1, 4, 4), Schedule.resampled(5), 3, noise=noise,
-                         on_step=lambda k, t, x0_hat, out: steps.__setitem__(k, out))
+    steps = {step.k: step.logits for step in p_sample_progressive(lambda xt, t: fn(None, xt, t), (1, 3, 4, 4),
+                                                                    Schedule.resampled(5), noise=noise)}
+    last = p_sample_loop(fn, torch.zeros(1, 1, 4, 4), Schedule.resampled(5), 3, noise=noise)
     assert sorted(steps) == [1, 2, 3, 4, 5] and torch.equal(last, steps[1])
     for m in (2, 3, 5):
         avg = p_sample_loop(fn, torch.zeros(1, 1, 4, 4), Schedule.resampled(5), 3, noise=noise, average_last=m)
         expected = sum(torch.softmax(steps[k], 1) for k in range(1, m + 1)) / m
         torch.testing.assert_close(torch.softmax(avg, 1), expected)
         assert not torch.allclose(torch.softmax(avg, 1), torch.softmax(last, 1))
-
-
-def test_zeros_start_feeds_zeros_first_and_keeps_the_later_noise():
-    """start="zeros": the first call sees x_K = 0; the starting draw is still consumed, so each later step adds the
-    same noise as with start="noise" (paired), and the chains differ exactly by the x_K term of the posterior."""
-    s = Schedule.resampled(5)
-    logits = torch.randn(1, 2, 3, 3)
-
-    def recorder(seen):
-        def fn(image, xt, t):  # ignores x_t, so x0_hat is the same in both chains
-            seen.append(xt.clone())
-            return logits
-        return fn
-
-    noise = [torch.randn(1, 2, 3, 3) for _ in range(5)]
-    from_noise, from_zeros = [], []
-    p_sample_loop(recorder(from_noise), torch.zeros(1, 1, 3, 3), s, 2, noise=noise)
-    p_sample_loop(recorder(from_zeros), torch.zeros(1, 1, 3, 3), s, 2, noise=noise, start="zeros")
-    assert torch.equal(from_noise[0], noise[0]) and torch.equal(from_zeros[0], torch.zeros(1, 2, 3, 3))
-    # x_{K-1} = c0 x0_hat + ct x_K + sigma z: the chains differ by ct_K * noise[0] only, so z is the same draw
-    torch.testing.assert_close(from_noise[1] - from_zeros[1], float(s.posterior_coef_xt[4]) * noise[0])
-    with pytest.raises(ValueError, match="start"):
-        p_sample_loop(recorder([]), torch.zeros(1, 1, 3, 3), s, 2, noise=noise, start="mean")
-
-
-def test_sampling_settings_carry_the_start():
-    from dataclasses import replace
-
-    from nnunet_diffusion.config import DiffusionConfig
-    cfg = replace(DiffusionConfig(), start="zeros")
-    assert SamplingSettings.from_config(cfg).start == "zeros"
-    assert SamplingSettings.from_config(cfg, start="noise").start == "noise"
-    assert SamplingSettings.from_config(DiffusionConfig()).start == "noise"
-    with pytest.raises(ValueError, match="start"):
-        DiffusionConfig(start="ones")
 
 
 def test_mirrored_groups_fall_back_when_memory_runs_out():
@@ -240,3 +212,28 @@ def test_mirrored_groups_fall_back_when_memory_runs_out():
         raise RuntimeError("shape mismatch")
     with pytest.raises(RuntimeError, match="shape mismatch"):
         MirroredGroups()(broken, image, xt, t, groups)
+
+
+def test_generator_yields_each_level_once_with_its_input_and_estimate():
+    """The chain yields K steps, k = K ... 1 at the schedule's base levels; each step carries the x_t the denoiser
+    was called with and x0_hat = 2 softmax(logits) - 1; stopping after the first step makes one call only."""
+    calls = []
+
+    def fn(xt, t):
+        calls.append((xt.clone(), t.clone()))
+        return xt * 2.0 + t.view(-1, 1, 1, 1) / 1000.0
+
+    schedule = Schedule.resampled(5)
+    steps = list(p_sample_progressive(fn, (2, 3, 4, 4), schedule, generator=torch.Generator().manual_seed(0)))
+    assert [s.k for s in steps] == [5, 4, 3, 2, 1] and [s.t for s in steps] == [1000, 750, 500, 250, 0]
+    for step, (xt, t) in zip(steps, calls):
+        assert torch.equal(step.xt, xt) and t.tolist() == [step.t] * 2
+        torch.testing.assert_close(step.x0_hat, 2 * torch.softmax(step.logits, 1) - 1)
+        torch.testing.assert_close(step.probs, torch.softmax(step.logits, 1))
+    calls.clear()
+    next(iter(p_sample_progressive(fn, (2, 3, 4, 4), schedule)))
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="noise of shape"):
+        list(p_sample_progressive(fn, (2, 3, 4, 4), schedule, noise=[torch.zeros(1, 3, 4, 4)]))
+    with pytest.raises(ValueError, match="steps to average"):
+        mean_of_last(steps, 0)
