@@ -1,14 +1,17 @@
-"""The README's copies of result tables, regenerated from (or checked against) the committed results files.
+"""The study document's copies of result tables, and the README's linked numbers, against the committed results.
 
-    python benchmarks/readme_tables.py            # rewrite each copied table in README.md from its results file
-    python benchmarks/readme_tables.py --check    # exit 1 and name every table whose README copy differs
+    python benchmarks/readme_tables.py            # rewrite each copied table in docs/STUDY.md from its results file
+    python benchmarks/readme_tables.py --check    # exit 1 and name every copy that differs from its results file
 
-Each entry of ``TABLES`` names a results file, the heading in it under which the table stands (the first
-table after that heading), and the first cells of the README table's header row, which find the copy in the
-README. Numbers are compared as written; the README writes a minus sign (U+2212) where the results files
-write "-", and may set cells in bold, so both are ignored when checking; the header row is the README's own
-(it may add units or notes), the rows under it must be the results file's. Only tables the README copies
-whole are listed; the README's other tables select or rearrange rows of these files and say which file.
+Tables: each entry of ``TABLES`` names a results file, the heading in it under which the table stands (the first
+table after that heading), and the first cells of the copy's header row, which find the copy in
+``docs/STUDY.md``. Numbers are compared as written; the document writes a minus sign (U+2212) where the results
+files write "-", and may set cells in bold, so both are ignored when checking; the header row is the document's
+own (it may add units or notes), the rows under it must be the results file's. Only tables copied whole are
+listed; the document's other tables select or rearrange rows of these files and say which file.
+
+Links: every number in the text of a README link to a file of the repository (e.g. the summary table's
+``[+0.0148 (p 6.4e-12)](results/.../equal_time.md)``) must appear, with its sign if it has one, in that file.
 """
 from __future__ import annotations
 
@@ -18,11 +21,13 @@ import re
 import sys
 from typing import List, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from study_lib import REPO_ROOT as ROOT
+
+DOC = "docs/STUDY.md"
 ACC = "results/Dataset004_Hippocampus/accuracy_cpu_12x50/accuracy.md"
 
-# (results file, heading above the table in it, first header cells of the README's copy[, a line of the README
-# that starts the search, where two copies have the same header])
+# (results file, heading above the table in it, first header cells of the copy in DOC[, a line of DOC that
+# starts the search, where two copies have the same header])
 TABLES: List[tuple] = [
     (ACC, "## Against every stock run and their mean", "| method | mode | Dice | Δ vs stock 2026-11-30 14:35 UTC"),
     (ACC, "## Over all training runs", "| method | mode | runs | Dice of each run"),
@@ -71,20 +76,20 @@ def source_table(path: str, heading: str) -> List[str]:
     return lines[first:end]
 
 
-def readme_span(lines: List[str], header: str, anchor: str = None) -> Tuple[int, int]:
-    """The README table whose header starts with ``header``: the only one, or the first after the line that
+def copy_span(lines: List[str], header: str, anchor: str = None) -> Tuple[int, int]:
+    """The table of DOC whose header starts with ``header``: the only one, or the first after the line that
     contains ``anchor``."""
     if anchor is not None:
         at = [i for i, line in enumerate(lines) if anchor in line]
         if len(at) != 1:
-            raise ValueError(f"README.md: {len(at)} lines contain {anchor!r} (expected exactly one)")
+            raise ValueError(f"{DOC}: {len(at)} lines contain {anchor!r} (expected exactly one)")
         hit = next((i for i in range(at[0], len(lines)) if lines[i].startswith(header)), None)
         if hit is None:
-            raise ValueError(f"README.md: no table starting with {header!r} after {anchor!r}")
+            raise ValueError(f"{DOC}: no table starting with {header!r} after {anchor!r}")
         return _table_at(lines, hit)
     hits = [i for i, line in enumerate(lines) if line.startswith(header)]
     if len(hits) != 1:
-        raise ValueError(f"README.md: {len(hits)} tables start with {header!r} (expected exactly one)")
+        raise ValueError(f"{DOC}: {len(hits)} tables start with {header!r} (expected exactly one)")
     return _table_at(lines, hits[0])
 
 
@@ -92,24 +97,25 @@ def normalise(row: str) -> str:
     return row.replace("\u2212", "-").replace("**", "").rstrip()
 
 
-def for_readme(row: str) -> str:
+def for_doc(row: str) -> str:
     return _MINUS.sub("\u2212", row)
 
 
-def differences(readme: str) -> List[str]:
-    """One message per README table that differs from its results file (empty: all agree)."""
-    lines, out = readme.split("\n"), []
+def differences(doc: str) -> List[str]:
+    """One message per copied table of DOC (its text: ``doc``) that differs from its results file (empty: all
+    agree)."""
+    lines, out = doc.split("\n"), []
     for path, heading, header, *anchor in TABLES:
-        first, end = readme_span(lines, header, *anchor)
-        # the rows under the header: the README's header may add units or notes to the results file's
+        first, end = copy_span(lines, header, *anchor)
+        # the rows under the header: the copy's header may add units or notes to the results file's
         copy = [normalise(r) for r in lines[first + 2:end]]
         source = [normalise(r) for r in source_table(path, heading)[2:]]
         if copy != source:
             extra = [r for r in copy if r not in source]
             missing = [r for r in source if r not in copy]
-            msg = f"README.md line {first + 1} ({header.strip('| ')[:40]}...) differs from {path}"
+            msg = f"{DOC} line {first + 1} ({header.strip('| ')[:40]}...) differs from {path}"
             if extra:
-                msg += "\n  only in the README: " + extra[0] + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
+                msg += "\n  only in the copy: " + extra[0] + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
             if missing:
                 msg += "\n  only in the results: " + missing[0] + (
                     f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
@@ -119,33 +125,67 @@ def differences(readme: str) -> List[str]:
     return out
 
 
-def regenerate(readme: str) -> str:
-    lines = readme.split("\n")
+def regenerate(doc: str) -> str:
+    lines = doc.split("\n")
     for path, heading, header, *anchor in TABLES:
-        first, end = readme_span(lines, header, *anchor)
-        lines[first + 2:end] = [for_readme(r) for r in source_table(path, heading)[2:]]
+        first, end = copy_span(lines, header, *anchor)
+        lines[first + 2:end] = [for_doc(r) for r in source_table(path, heading)[2:]]
     return "\n".join(lines)
+
+
+_LINK = re.compile(r"\[([^\]]*)\]\(([^)\s]+)\)")
+_NUMBER = re.compile(r"[+\u2212-]?\d+(?:\.\d+)?(?:e[+\u2212-]?\d+)?")
+
+
+def link_numbers(text: str) -> List[Tuple[str, str]]:
+    """(number, target) for every number in the text of a markdown link to a relative path in ``text``; the
+    number as written, its minus sign as "-"."""
+    out = []
+    for label, target in _LINK.findall(text):
+        if "://" in target or target.startswith("#"):
+            continue
+        for number in _NUMBER.findall(label):
+            out.append((number.replace("\u2212", "-"), target.split("#")[0]))
+    return out
+
+
+def link_differences(readme: str, base: str = ROOT) -> List[str]:
+    """One message per number in a README link that its target file does not contain (empty: all found). A
+    signed number must appear with its sign; an unsigned one with any sign or none."""
+    out = []
+    for number, target in link_numbers(readme):
+        path = os.path.join(base, target)
+        if not os.path.isfile(path):
+            out.append(f"README.md: the link to {target} (number {number}) does not lead to a file")
+            continue
+        body = open(path, encoding="utf-8").read().replace("\u2212", "-")
+        if not re.search(r"(?<![\d.])" + re.escape(number) + r"(?!\d)", body):
+            out.append(f"README.md: {number} is not in {target}, the file its link names")
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="only compare; exit 1 if a copy differs")
-    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    ap.add_argument("--doc", default=os.path.join(ROOT, DOC), help="the document holding the copied tables")
+    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"), help="the README whose links are checked")
     args = ap.parse_args(argv)
-    readme = open(args.readme, encoding="utf-8").read()
+    doc = open(args.doc, encoding="utf-8").read()
     if args.check:
-        diffs = differences(readme)
-        for d in diffs:
+        diffs = differences(doc)
+        links = link_differences(open(args.readme, encoding="utf-8").read(), os.path.dirname(args.readme))
+        for d in diffs + links:
             print(d)
-        print(f"{len(TABLES) - len(diffs)} of {len(TABLES)} copied tables agree with their results files")
-        return 1 if diffs else 0
-    new = regenerate(readme)
-    if new != readme:
-        with open(args.readme, "w", encoding="utf-8") as f:
+        print(f"{len(TABLES) - len(diffs)} of {len(TABLES)} copied tables agree with their results files; "
+              f"{len(links)} README link number(s) not found in their files")
+        return 1 if diffs or links else 0
+    new = regenerate(doc)
+    if new != doc:
+        with open(args.doc, "w", encoding="utf-8") as f:
             f.write(new)
-        print(f"rewrote {args.readme}")
+        print(f"rewrote {args.doc}")
     else:
-        print("README.md already agrees with the results files")
+        print(f"{args.doc} already agrees with the results files")
     return 0
 
 
