@@ -42,13 +42,13 @@ TABLES: List[tuple] = [
      "| method | Dice | voxel AUROC | AUPRC | ECE | Brier | case-QC Spearman | worst-10% AUROC | expected Dice"),
     ("results/Dataset004_Hippocampus/table1_gpu_10x80/table1.md", "# table1",
      "| method | configuration | DS | NSD (1 mm)"),
-    ("results/Dataset004_Hippocampus/benchmark_cpu_quick_default/benchmark.md", "# DiffusionTrainer vs nnUNetTrainer",
-     "| quantity | nnUNetTrainer | DiffusionTrainer | ratio |", "benchmark_cpu_quick_default` (`benchmark.md`"),
-    ("results/Dataset004_Hippocampus/benchmark_cpu_quick_default/benchmark.md", "| quantity |",
+    ("results/Dataset004_Hippocampus/benchmark_cpu_quick_noisePassSum/benchmark.md", "# DiffusionTrainer vs nnUNetTrainer",
+     "| quantity | nnUNetTrainer | DiffusionTrainer | ratio |", "benchmark_cpu_quick_noisePassSum` (`benchmark.md`"),
+    ("results/Dataset004_Hippocampus/benchmark_cpu_quick_noisePassSum/benchmark.md", "| quantity |",
      "| diffusion `--tta` | s / case | ratio to stock with mirroring |"),
-    ("results/Dataset004_Hippocampus/benchmark_cpu_quick/benchmark.md", "# DiffusionTrainer vs nnUNetTrainer",
+    ("results/Dataset004_Hippocampus/benchmark_cpu_quick_paper/benchmark.md", "# DiffusionTrainer vs nnUNetTrainer",
      "| quantity | nnUNetTrainer | DiffusionTrainer | ratio |", "The paper's configuration, the default of then:"),
-    ("results/Dataset004_Hippocampus/benchmark_cpu_quick/benchmark.md", "| quantity |",
+    ("results/Dataset004_Hippocampus/benchmark_cpu_quick_paper/benchmark.md", "| quantity |",
      "| diffusion `--tta` | s / case | ratio to stock with mirroring (2.65 s)"),
 ]
 
