@@ -45,7 +45,7 @@ class HeadConfig:
     """What defines a trunk + head model beyond nnU-Net's plans (recorded in its checkpoints).
 
     num_steps: K, the resampled chain (training levels and the chain at prediction), the paper's 5.
-    width: channels of the head's two 3x3(x3) convolutions.
+    width: channels of the head's two convolutions (1x1(x1), then 3x3(x3)).
     head_weight: weight of the head's Dice + CE against the trunk's deep-supervised Dice + CE (1: the sum).
     """
 
@@ -120,7 +120,7 @@ def trunk_pass(trunk: nn.Module, image: torch.Tensor) -> Tuple[NetworkOutput, to
 
 
 class DenoisingHead(nn.Module):
-    """logits = trunk_logits + out(act(film(norm(conv(act(film(norm(conv([f, x_t]))))))))), FiLM told the level t.
+    """logits = trunk_logits + out(act(film(norm(conv_3x3(act(film(norm(conv_1x1([f, x_t]))))))))), FiLM told the level t.
 
     features ``(B, F, *spatial)``, trunk_logits and xt ``(B, C, *spatial)``, t ``(B,)`` base levels; returns
     ``(B, C, *spatial)``. A pure function of its inputs: nothing is stored between calls.
@@ -133,7 +133,8 @@ class DenoisingHead(nn.Module):
             raise ValueError(f"the head supports 2D and 3D convolutions, got {conv_op!r}")
         self.time_embed_dim = time_embed_dim
         self.width = width
-        self.conv1 = conv_op(feature_channels + num_classes, width, 3, padding=1)
+        # 1x1 first: the features already carry the trunk's context; only the second convolution mixes neighbours
+        self.conv1 = conv_op(feature_channels + num_classes, width, 1)
         self.conv2 = conv_op(width, width, 3, padding=1)
         self.out = conv_op(width, num_classes, 1)
         self.time = nn.Sequential(nn.Linear(time_embed_dim, 2 * time_embed_dim), nn.SiLU(),
