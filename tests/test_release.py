@@ -139,8 +139,6 @@ def test_weights_shared_by_two_names_are_stored_once(half, tmp_path):
 
 def test_release_split_holds_out_exactly_the_demo_cases(tmp_path):
     import json
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     from train_release import DEMO_HELD_OUT, add_release_split
     cases = [f"hippocampus_{i:03d}" for i in range(1, 80)]
     stock = [{"train": cases[i::5], "val": cases[i + 1::5]} for i in range(5)]
