@@ -42,7 +42,7 @@ import numpy as np
 from study_lib import (CONFIG, DATASET, DATASET_ID, case_mean, paired, prepare, run_label, sh, summary_dice,
                        tool_path, val_images)
 
-DEFAULT_TRAINERS = ["nnUNetTrainer", "DiffusionTrainer_paper", "DiffusionTrainer_supervisedRecycleFromNoise"]
+DEFAULT_TRAINERS = ["nnUNetTrainer", "DiffusionTrainer_paper", "DiffusionTrainer"]
 
 
 def train(trainer: str, fold: int, device: str, out: str) -> Dict:

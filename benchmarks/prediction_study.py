@@ -1,8 +1,8 @@
 """Prediction modes, uncertainty and the ensemble with stock, measured on one trained diffusion model against
 the stock model trained on the same split and budget (Hippocampus fold 0, the accuracy study's models).
 
-    python benchmarks/prediction_study.py -o results/Dataset004_Hippocampus/prediction_cpu_12x50_zeroInitMaskInput \\
-        --trainer DiffusionTrainer_supervisedRecycleFromNoise_12ep50it --stock nnUNetTrainer_12ep50it
+    python benchmarks/prediction_study.py -o results/Dataset004_Hippocampus/prediction_cpu_12x50_DiffusionTrainer \\
+        --trainer DiffusionTrainer_12ep50it --stock nnUNetTrainer_12ep50it
 
 Needs nnUNet_raw/_preprocessed/_results set as for the accuracy study (benchmarks/accuracy_protocol.py, which
 trains both models and links the validation images). Every prediction goes through the real commands
