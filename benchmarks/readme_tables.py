@@ -12,6 +12,8 @@ listed; the document's other tables select or rearrange rows of these files and 
 
 Links: every number in the text of a README link to a file of the repository (e.g. the summary table's
 ``[+0.0148 (p 6.4e-12)](results/.../equal_time.md)``) must appear, with its sign if it has one, in that file.
+
+Index: every results folder has a row in ``results/README.md`` whose first cell links into it.
 """
 from __future__ import annotations
 
@@ -164,6 +166,32 @@ def link_differences(readme: str, base: str = ROOT) -> List[str]:
     return out
 
 
+INDEX = "results/README.md"
+
+
+def index_differences(index: str, results: str = os.path.join(ROOT, "results")) -> List[str]:
+    """One message per results folder (``results/DATASET/FOLDER``, or ``results/FOLDER`` holding files only) that has
+    no row in the index (text ``index``, a row being a table line whose first cell links into the folder), and per
+    row whose link leads nowhere (empty: every folder has its row)."""
+    rows = {}
+    for line in index.split("\n"):
+        if line.startswith("| ["):
+            target = _LINK.search(line).group(2)
+            rows[target.split("/")[0] if target.startswith("demo") else "/".join(target.split("/")[:2])] = target
+    out = [f"{INDEX}: the row for {t} links to a missing file" for t in rows.values()
+           if not os.path.exists(os.path.join(results, t))]
+    for entry in sorted(os.listdir(results)):
+        path = os.path.join(results, entry)
+        if not os.path.isdir(path):
+            continue
+        subdirs = [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))]
+        holds_runs = subdirs and not any(os.path.isfile(os.path.join(path, f)) for f in os.listdir(path))
+        for folder in ([f"{entry}/{d}" for d in subdirs] if holds_runs else [entry]):
+            if folder not in rows:
+                out.append(f"{INDEX}: no row for the results folder {folder}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="only compare; exit 1 if a copy differs")
@@ -174,11 +202,12 @@ def main(argv=None) -> int:
     if args.check:
         diffs = differences(doc)
         links = link_differences(open(args.readme, encoding="utf-8").read(), os.path.dirname(args.readme))
-        for d in diffs + links:
+        index = index_differences(open(os.path.join(ROOT, INDEX), encoding="utf-8").read())
+        for d in diffs + links + index:
             print(d)
         print(f"{len(TABLES) - len(diffs)} of {len(TABLES)} copied tables agree with their results files; "
-              f"{len(links)} README link number(s) not found in their files")
-        return 1 if diffs or links else 0
+              f"{len(links)} README link number(s) not found in their files; {len(index)} index problem(s)")
+        return 1 if diffs or links or index else 0
     new = regenerate(doc)
     if new != doc:
         with open(args.doc, "w", encoding="utf-8") as f:

@@ -57,3 +57,22 @@ def test_a_changed_sign_or_digit_in_a_readme_link_is_caught(tmp_path):
         assert len(diffs) == 1 and number in diffs[0], (wrong, diffs)
     # links to web pages and anchors are not results
     assert readme_tables.link_differences("[nnU-Net v2](https://x.org/2) [k=5](#k-5)", str(tmp_path)) == []
+
+
+def test_every_results_folder_has_a_row_in_the_index():
+    index = open(os.path.join(readme_tables.ROOT, readme_tables.INDEX), encoding="utf-8").read()
+    assert readme_tables.index_differences(index) == []
+
+
+def test_a_folder_without_a_row_or_a_row_without_its_folder_is_caught(tmp_path):
+    results = tmp_path / "results"
+    for folder in ("D/a_run", "D/b_run", "demo"):
+        (results / folder).mkdir(parents=True)
+        (results / folder / "x.md").write_text("x")
+    (results / "README.md").write_text("index")  # a file beside the folders is not a folder
+    rows = "| [`a_run`](D/a_run/x.md) | q |\n| [`demo`](demo/x.md) | q |\n"
+    assert readme_tables.index_differences(rows, str(results)) == ["results/README.md: no row for the results "
+                                                                   "folder D/b_run"]
+    rows += "| [`b_run`](D/b_run/x.md) | q |\n| [`gone`](D/gone/x.md) | q |\n"
+    diffs = readme_tables.index_differences(rows, str(results))
+    assert diffs == ["results/README.md: the row for D/gone/x.md links to a missing file"]
