@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 import statistics
 import subprocess
 import sys
@@ -132,7 +133,7 @@ def _time_prediction(trainer, predictor, data: torch.Tensor) -> float:
 def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", quick: bool = False,
                   budget: Optional[tuple] = None, repeats: Optional[int] = None,
                   predict_cases: Optional[int] = None, log: Callable[[str], None] = print,
-                  plans: str = "nnUNetPlans") -> Dict:
+                  plans: str = "nnUNetPlans", trainer: str = "DiffusionTrainer") -> Dict:
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.paths import nnUNet_preprocessed
@@ -158,7 +159,7 @@ def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", 
 
     log(f"benchmark: {dataset_name} {config} on {dev}, {repeats} timed iterations per trainer (interleaved)")
     trainers = {"stock": _make_trainer("nnUNetTrainer", dataset, config, dev, plans),
-                "diffusion": _make_trainer("DiffusionTrainer", dataset, config, dev, plans)}
+                "diffusion": _make_trainer(trainer, dataset, config, dev, plans)}
     batch_size = trainers["stock"].batch_size
     assert trainers["diffusion"].batch_size == batch_size
 
@@ -202,9 +203,14 @@ def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", 
     def diffusion_predictor(tta):
         return lambda tr: attach(DiffusionPredictor(use_mirroring=tta != "off", tta=tta, **common), tr)
 
+    # a trunk + head model predicts through stock's predictor (nnU-Net mirrors the whole prediction): "mirror" with
+    # nnU-Net's default mirroring, "off" without; a DiffusionUNet through DiffusionPredictor's TTA modes
+    head = not hasattr(trainers["diffusion"], "diffusion")
+    modes = ("mirror", "off") if head else DIFFUSION_MODES
     makers = {"stock": (trainers["stock"], stock_predictor(True)),
               "stock_notta": (trainers["stock"], stock_predictor(False)),
-              **{m: (trainers["diffusion"], diffusion_predictor(m)) for m in DIFFUSION_MODES}}
+              **{m: (trainers["diffusion"], stock_predictor(m == "mirror") if head else diffusion_predictor(m))
+                 for m in modes}}
     predictors = {name: make(tr) for name, (tr, make) in makers.items()}
     for name, p in predictors.items():  # warm-up: first calls pay for allocation and kernel selection
         p.predict_sliding_window_return_logits(cases[0])
@@ -228,7 +234,9 @@ def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", 
         "repeats": repeats, "predict_cases": len(cases), "quick": quick,
         # the default changes between releases: the settings that were timed
         "diffusion_trainer": type(trainers["diffusion"]).__name__,
-        "diffusion_config": trainers["diffusion"].diffusion.to_dict(),
+        "diffusion_config": (asdict(trainers["diffusion"].head) if head else
+                             trainers["diffusion"].diffusion.to_dict()),
+        "predict_modes": list(modes),
         "machine": dict(machine_info(device), torch_threads=torch.get_num_threads()),
         "torch_version": torch.__version__,
         "medians": med,
@@ -240,9 +248,8 @@ def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", 
                            if med["peak_mem_mib"]["stock"] > 0 else None),
         # ratios of each diffusion TTA mode's time per case to stock nnU-Net with its default mirroring
         # ("predict_ratio") and to stock without mirroring ("predict_ratio_notta")
-        "predict_ratio": {m: med["predict_case_s"][m] / med["predict_case_s"]["stock"] for m in DIFFUSION_MODES},
-        "predict_ratio_notta": {m: med["predict_case_s"][m] / med["predict_case_s"]["stock_notta"]
-                                for m in DIFFUSION_MODES},
+        "predict_ratio": {m: med["predict_case_s"][m] / med["predict_case_s"]["stock"] for m in modes},
+        "predict_ratio_notta": {m: med["predict_case_s"][m] / med["predict_case_s"]["stock_notta"] for m in modes},
         "dice_diffusion": None, "dice_stock": None,
     }
     del trainers
@@ -251,7 +258,7 @@ def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", 
         epochs, iters = budget or (5, 50)
         report["budget"] = f"{epochs}x{iters}"
         dice = {}
-        for key, base in (("stock", "nnUNetTrainer"), ("diffusion", "DiffusionTrainer")):
+        for key, base in (("stock", "nnUNetTrainer"), ("diffusion", trainer)):
             name = f"{base}_{epochs}ep{iters}it"
             log(f"training {name} for the Dice comparison (fold 0)")
             env = dict(os.environ, nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "0"))
@@ -277,14 +284,16 @@ def format_markdown(r: Dict) -> str:
     m = r["medians"]
     mach = r["machine"]
     where = mach["gpu"] or f"CPU ({mach['cpu']}, {mach['cpu_count']} cores, {mach['torch_threads']} torch threads)"
-    lines = [f"# DiffusionTrainer vs nnUNetTrainer — {r['dataset']} {r['configuration']}", "",
+    lines = [f"# {r['diffusion_trainer']} vs nnUNetTrainer — {r['dataset']} {r['configuration']}", "",
              f"Device: {where}; torch {r['torch_version']}, nnunetv2 {mach['nnunetv2']}, {mach['date_utc']} UTC; batch {r['batch_size']}, patch {r['patch_size']}; "
              f"medians over {r['repeats']} interleaved iterations and {r['predict_cases']} case(s).", ""]
-    if r.get("diffusion_config"):
+    if r.get("diffusion_config") and "predict_modes" in r and "mirror" in r["predict_modes"]:
+        lines += [f"Settings: {r['diffusion_config']}.", ""]
+    elif r.get("diffusion_config"):
         changed = {k: v for k, v in r["diffusion_config"].items() if k in _PAPER and v != _PAPER[k]}
         lines += [f"DiffusionTrainer: `{r['diffusion_trainer']}`, its settings that differ from the paper's "
                   f"configuration: {', '.join(f'{k} = {v}' for k, v in changed.items()) or 'none'}.", ""]
-    lines += ["| quantity | nnUNetTrainer | DiffusionTrainer | ratio |", "|---|---|---|---|",
+    lines += [f"| quantity | nnUNetTrainer | {r['diffusion_trainer']} | ratio |", "|---|---|---|---|",
               f"| train iteration (s) | {m['train_iter_s']['stock']:.3f} | {m['train_iter_s']['diffusion']:.3f} | "
               f"{r['train_iter_ratio']:.2f} |"]
     pm = r["peak_mem_ratio"]
@@ -293,12 +302,12 @@ def format_markdown(r: Dict) -> str:
     if r.get("dice_stock") is not None:
         lines.append(f"| foreground Dice after {r['budget']} (fold 0 validation) | {r['dice_stock']:.3f} | "
                      f"{r['dice_diffusion']:.3f} | – |")
-    lines += ["", "Prediction, seconds per case (warmed-up predictors, ABBA order), diffusion TTA modes against "
+    lines += ["", "Prediction, seconds per case (warmed-up predictors, ABBA order), each mode against "
                   f"stock nnU-Net with its default mirroring ({m['predict_case_s']['stock']:.2f} s) and without "
                   f"({m['predict_case_s']['stock_notta']:.2f} s):", "",
-              "| diffusion `--tta` | s / case | ratio to stock with mirroring | ratio to stock without |",
-              "|---|---|---|---|"]
-    for mode in DIFFUSION_MODES:
+              "| mode (`--tta`, or nnU-Net's mirroring) | s / case | ratio to stock with mirroring | "
+              "ratio to stock without |", "|---|---|---|---|"]
+    for mode in r.get("predict_modes", DIFFUSION_MODES):
         lines.append(f"| {mode} | {m['predict_case_s'][mode]:.2f} | {r['predict_ratio'][mode]:.2f} | "
                      f"{r['predict_ratio_notta'][mode]:.2f} |")
     lines += ["", f"Data loading per batch (not in the iteration time): {r['data_load_s']:.3f} s.", ""]

@@ -130,7 +130,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     from nnunet_diffusion.budget import parse_budget
     budget = parse_budget(args.budget) if args.budget else None
     run_benchmark(args.d, args.c, args.o, device=args.device, quick=args.quick, budget=budget,
-                  repeats=args.repeats, plans=args.p)
+                  repeats=args.repeats, plans=args.p, trainer=args.tr)
     print(open(os.path.join(args.o, "benchmark.md")).read())
     print(f"wrote {os.path.join(args.o, 'benchmark.json')} and benchmark.md")
     return 0
@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", required=True, help="dataset name or id (planned and preprocessed)")
     p.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier, e.g. nnUNetResEncUNetMPlans (default nnUNetPlans)")
+    p.add_argument("-tr", default="DiffusionTrainer", help="the diffusion trainer to time against nnUNetTrainer "
+                                                          "(default DiffusionTrainer; e.g. DiffusionTrainer_head)")
     p.add_argument("-o", required=True, help="output folder for benchmark.json / benchmark.md")
     p.add_argument("--quick", action="store_true", help="few repeats, no Dice training (minutes on a CPU)")
     p.add_argument("--budget", default=None, help="EPOCHSxITERS for the Dice comparison (default 5x50)")

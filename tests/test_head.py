@@ -188,3 +188,17 @@ def test_trunk_runs_once_per_tile_and_mirroring_in_nnunets_predictor():
     tiles = 2  # 24 voxels along the first axis, patch 16, step 8
     assert trunk.calls == tiles * 8 and head.calls == tiles * 8 * 5
     assert logits.shape == (C, 24, 16, 16) and np.isfinite(logits.numpy()).all()
+
+
+@pytest.mark.slow  # ~1 min on 2 cores
+def test_quick_benchmark_times_the_head_against_stock(env, tmp_path):
+    import json
+    out = tmp_path / "bench"
+    run([f"{BIN}/nnunet-diffusion", "benchmark", "-d", "990", "-c", "3d_fullres", "-tr", "DiffusionTrainer_head",
+         "--quick", "--repeats", "2", "-device", "cpu", "-o", str(out)], env=env)
+    r = json.load(open(out / "benchmark.json"))
+    assert r["diffusion_trainer"] == "DiffusionTrainer_head" and r["predict_modes"] == ["mirror", "off"]
+    m = r["medians"]["predict_case_s"]
+    assert abs(r["predict_ratio"]["mirror"] - m["mirror"] / m["stock"]) < 1e-9
+    assert abs(r["predict_ratio_notta"]["off"] - m["off"] / m["stock_notta"]) < 1e-9
+    assert "| mirror |" in open(out / "benchmark.md").read()
