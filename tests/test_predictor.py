@@ -254,11 +254,19 @@ def _arrays(folder):
 
 def test_seeded_prediction_is_bit_identical_and_seed_dependent(env, trained_3d, inputs, predict_main, tmp_path):
     """The same seed gives the same files whatever the process layout (nnU-Net's sequential mode, -npp/-nps 0, in
-    this process, against the installed command with 2 preprocessing and 2 export workers); another seed gives
-    other probabilities."""
+    this process, against the installed command with 2 preprocessing and 2 export workers), given the same number of
+    torch threads; another seed gives other probabilities.
+
+    The thread count is part of the promise: CPU convolution kernels may split their sums by thread, so another
+    count may round differently, and the chain carries that on. On an Intel Xeon with 2 cores ~20 of 28,800 saved
+    probabilities came out up to 1.7e-4 apart (segmentations identical) while the command predicted with 1 thread
+    (nnUNet_def_n_proc=1 in ``env``) and this process with 2. nnU-Net caps prediction and export threads at
+    nnUNet_def_n_proc, read when nnunetv2 is imported, so the command gets this process's value."""
+    from nnunetv2.configuration import default_num_processes
+    same_threads = dict(env, nnUNet_def_n_proc=str(default_num_processes))
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     predict_main(inputs, a, "--seed", "3", "--save_probabilities", "-npp", "0", "-nps", "0")
-    _predict(env, trained_3d, inputs, b, "--seed", "3", "--save_probabilities", "-npp", "2", "-nps", "2")
+    _predict(same_threads, trained_3d, inputs, b, "--seed", "3", "--save_probabilities", "-npp", "2", "-nps", "2")
     predict_main(inputs, c, "--seed", "4", "--save_probabilities", "-npp", "0", "-nps", "0")
     for name in ("case_003.nii.gz", "case_007.nii.gz"):
         assert open(a / name, "rb").read() == open(b / name, "rb").read()
