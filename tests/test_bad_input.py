@@ -62,16 +62,18 @@ def nibabel_model(env, trained_3d, tmp_path_factory):
     return dict(env, nnUNet_results=str(results))
 
 
-@pytest.mark.parametrize("bad", sorted(BAD_VALUES))
-def test_non_finite_image_is_refused_by_stock_predict(nibabel_model, tmp_path, bad):
+def test_non_finite_image_is_refused_by_stock_predict(nibabel_model, tmp_path):
     """Stock nnUNetv2_predict with a diffusion trainer, reading with NibabelIO: a clean case first (predicted and
-    written: the reader and the model work), then a case with NaN or Inf voxels, which nnU-Net's normalisation
+    written: the reader and the model work), then a case with a NaN and an Inf voxel, which nnU-Net's normalisation
     spreads over the whole image and the network refuses: non-zero exit, a message naming NaN/Inf, no file for it."""
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
     source = os.path.join(nibabel_model["raw"], "imagesTr", "case_003_0000.nii.gz")
     shutil.copy(source, inp / "case_001_0000.nii.gz")
-    _write_like(source, str(inp / "case_002_0000.nii.gz"), _poison(BAD_VALUES[bad]))
+
+    def poison(arr):
+        arr[2, 3, 4], arr[10, 11, 12] = np.nan, np.inf
+    _write_like(source, str(inp / "case_002_0000.nii.gz"), poison)
     proc = run([f"{BIN}/nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", "990", "-c", "3d_fullres", "-f",
                 "0", "-tr", TR, "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_progress_bar"],
                env=nibabel_model, check=False)
