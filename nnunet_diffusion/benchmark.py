@@ -139,7 +139,7 @@ def run_benchmark(dataset: str, config: str, out_dir: str, device: str = "cpu", 
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    from nnunet_diffusion.cli import trainers_path
+    from nnunet_diffusion.options import trainers_path
     from nnunet_diffusion.machine import machine_info
     from nnunet_diffusion.predictor import DiffusionPredictor
 

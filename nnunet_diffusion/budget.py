@@ -39,10 +39,11 @@ def validation_iterations(iterations: int) -> int:
 
 
 def _find_base(name: str) -> type:
-    from nnunet_diffusion import head_trainer, variants, trainer
-    for module in (trainer, variants, head_trainer):
-        if hasattr(module, name):
-            return getattr(module, name)
+    from nnunet_diffusion.variants import find_trainer
+    try:
+        return find_trainer(name)
+    except AttributeError:
+        pass
     import nnunetv2
     from os.path import join
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class

@@ -8,20 +8,13 @@ from nnunet_diffusion.schedule import BETA_END, BETA_START, NUM_BASE_LEVELS, Sch
 
 PREDICTIONS = ("x0", "eps")
 SAMPLERS = ("ddpm", "ddim")
-RECYCLE_SOURCES = ("next", "noise", "chain")
-STARTS = ("noise", "zeros")
+RECYCLE_SOURCES = ("next", "noise")
 RECYCLE_LOSSES = ("mean", "sum")
 
 
 def _check_int(name: str, value, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
         raise ValueError(f"{name} must be an integer in [1, {high}], got {value!r}")
-
-
-def _check_fraction(name: str, value, meaning: str) -> None:
-    """``value`` a number (not a bool) in [0, 1]; ``meaning`` says what it is in the error."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"{name} must be {meaning} in [0, 1], got {value!r}")
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -45,10 +38,6 @@ class DiffusionConfig:
     recycle_source: where the recycle pass starts. ``"next"`` (the paper, eq. 8-9): the ground truth noised
         to the next noisier level k' = min(k + 1, K). ``"noise"``: level K for every sample, i.e. what the
         sampling chain's first step sees (pure noise), so x_t is built from the prediction the chain starts from.
-        ``"chain"``: x_t is the sampling chain's own x_k, run without gradient from x_K through the chain's
-        reverse steps down to the sample's level k (K - k network calls for that sample), so every level is
-        trained on the inputs the chain gives it at inference (no exposure bias; not the paper's). It replaces
-        the single recycle pass, so ``supervise_recycle`` and ``self_condition`` do not combine with it.
     supervise_recycle: the recycle pass is also supervised (Dice + CE, with gradient); its x0_hat is still
         detached before it builds x_t (the stop-gradient of eq. 9). The loss combines the two passes' losses as
         ``recycle_loss`` says.
@@ -63,42 +52,6 @@ class DiffusionConfig:
         the untrained network sees only the image, like stock nnU-Net's, instead of three quarters noise at the
         noisiest levels; the weights then grow only where x_t carries signal. Initialisation only (not the
         paper's; its default False keeps the paper's initialisation).
-    ema_halflife: exponential moving average of the weights for validation, export and prediction, as a
-        fraction of the training run: an update's weight halves after ``ema_halflife`` x (epochs x iterations
-        per epoch) iterations, so the same value suits short and long budgets. 0: no average (the paper).
-    self_condition: self-conditioning (Chen et al. 2022, "Analog Bits"): C more input channels carry the
-        model's previous estimate x0_hat (in training: the estimate of a first, gradient-free pass on the same
-        x_t for a random half of the batch, zeros for the other half; in the chain: the previous step's x0_hat,
-        zeros at the first step). Not the paper's.
-    noisiest_share: training only: the probability of drawing the noisiest level k = K for a sample (the level
-        the chain's first step sees, pure noise: the image alone must give the mask); the other K - 1 levels
-        share the rest equally. ``None``: uniform over the K levels (the paper, 1/K each).
-    start: inference: what the chain starts from at level K. ``"noise"``: x_K ~ N(0, I) (the paper);
-        ``"zeros"``: x_K = 0, the mean of that noise. At level K, x_K carries no information about the mask
-        (alpha_bar_K ~ 4e-5), so the best prediction from it does not depend on it; zeros remove the variance a
-        random draw adds to the chain's first estimate. Later steps still draw their noise (DDPM), the same
-        draws as with ``"noise"`` (the starting draw is made and discarded), so the two are paired.
-    zero_noisiest_input: training: at the noisiest level K the network's x_t input is zeros instead of the ground
-        truth (or recycled estimate) noised to alpha_bar_K (pure noise), in the supervised and the recycle pass:
-        the input the chain's first step gets with ``start = "zeros"``, so that step is trained as it is used.
-    scale_mask_input: the network sees sqrt(abar_t) x_t instead of x_t (training and chain alike): the linear
-        least-squares estimate of x0 from x_t for a unit-variance mask, so an input's size follows what it
-        says about the mask (level 1: x_t unchanged; level K: x 0.006). The noise of the noisy levels then
-        barely reaches the first convolution's features, which the image shares, while the informative levels
-        keep their signal. Not the paper's; the self-conditioning channels are not scaled.
-    time_conditioning: the network is told the level t (FiLM after every normalisation, METHOD.md section 2; the
-        paper). False: no time path at all, the planned U-Net on the image and x_t alone, which must read the noise
-        level from x_t (not the paper's). With one level (the image-only control) the time path is a learned
-        constant per channel that the norms' own affine parameters could hold, so turning it off there measures
-        only what its extra parameters do to training.
-    stock_image_init: the first convolution's weights on the image channels start at the scale stock nnU-Net gives
-        them (He initialisation with the image channels' fan-in, C_img x kernel volume) instead of the scale the
-        planned initialisation gives a convolution with C_img + C (or + 2 C) inputs, which is sqrt(C_img / (C_img +
-        C)) of it (half, for one image channel and 3 classes). The convolution is followed by a normalisation, so
-        the untrained network's output is the same either way, but its training is not: the gradient of a weight
-        before a normalisation scales as 1 / |w|, so SGD's relative step on those weights is (C_img + C) / C_img
-        times stock's (4x). With ``zero_init_mask_input`` the untrained network is then stock's U-Net on the
-        image, initialised as stock initialises it. Initialisation only (not the paper's; False keeps the paper's).
 
     The defaults are the paper's configuration; ``DiffusionTrainer`` may use another (see trainer.py).
     """
@@ -118,14 +71,6 @@ class DiffusionConfig:
     recycle_loss: str = "mean"
     average_last: int = 1
     zero_init_mask_input: bool = False
-    ema_halflife: float = 0.0
-    self_condition: bool = False
-    noisiest_share: Optional[float] = None
-    start: str = "noise"
-    zero_noisiest_input: bool = False
-    scale_mask_input: bool = False
-    time_conditioning: bool = True
-    stock_image_init: bool = False
 
     def __post_init__(self) -> None:
         _check_int("num_steps", self.num_steps, self.num_base_levels)
@@ -134,18 +79,11 @@ class DiffusionConfig:
         _check_choice("prediction", self.prediction, PREDICTIONS)
         _check_choice("sampler", self.sampler, SAMPLERS)
         _check_choice("recycle_source", self.recycle_source, RECYCLE_SOURCES)
-        if self.recycle_source == "chain" and (self.supervise_recycle or self.self_condition):
-            raise ValueError("recycle_source 'chain' replaces the recycle pass: it does not combine with "
-                             "supervise_recycle or self_condition")
-        _check_choice("start", self.start, STARTS)
         _check_choice("recycle_loss", self.recycle_loss, RECYCLE_LOSSES)
         if self.recycle_loss != "mean" and not self.supervise_recycle:
             raise ValueError("recycle_loss combines the losses of a supervised recycle pass: it needs "
                              "supervise_recycle=True")
         _check_int("average_last", self.average_last, self.num_steps)
-        _check_fraction("ema_halflife", self.ema_halflife, "a fraction of the run")
-        if self.noisiest_share is not None:
-            _check_fraction("noisiest_share", self.noisiest_share, "None (uniform levels) or a probability")
 
     def inference_schedule(self, num_steps: Optional[int] = None) -> Schedule:
         return Schedule.resampled(num_steps or self.num_steps, self.num_base_levels, self.beta_start, self.beta_end)
@@ -159,8 +97,8 @@ class DiffusionConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "DiffusionConfig":
-        """The settings a checkpoint recorded. A field the checkpoint lacks was added after it was written and
-        gets the paper's value, which is what the code did before the field existed."""
+        """Settings from a dict of fields (``to_dict``'s). A field the dict lacks gets the paper's value. Settings
+        a checkpoint recorded go through ``checkpoint.recorded_config``, which also reads fields removed since."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -173,28 +111,29 @@ class SamplingSettings:
     """How one prediction samples (inference only; the weights do not depend on it).
 
     num_steps: K' levels of the chain; sampler: "ddpm" or "ddim"; average_last: output = mean softmax of the
-    last m steps' x0_hat; start: "noise" or "zeros" (x_K, see DiffusionConfig); seed: noise seed of the generator
-    used when no noise is passed in (None: torch's global RNG).
+    last m steps' x0_hat, m in [1, K']; seed: noise seed of the generator used when no noise is passed in (None:
+    torch's global RNG).
     """
 
     num_steps: int
     sampler: str = "ddpm"
     average_last: int = 1
     seed: Optional[int] = 0
-    start: str = "noise"
 
     def __post_init__(self) -> None:
         _check_int("num_steps", self.num_steps, NUM_BASE_LEVELS)
         _check_choice("sampler", self.sampler, SAMPLERS)
-        _check_choice("start", self.start, STARTS)
         _check_int("average_last", self.average_last, self.num_steps)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
 
     @classmethod
     def from_config(cls, config: DiffusionConfig, **overrides) -> "SamplingSettings":
-        """The trained settings, with any of ``overrides`` (None values keep the trained setting)."""
-        values = {"num_steps": config.num_steps, "sampler": config.sampler, "average_last": config.average_last,
-                  "start": config.start}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        if "average_last" not in overrides or overrides["average_last"] is None:
-            values["average_last"] = min(values["average_last"], values["num_steps"])
+        """The trained settings with any of ``overrides`` (None values keep the trained setting). The trained m
+        (``average_last``) is kept when it fits the chain; with fewer steps than it, every step is averaged."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        num_steps = given.get("num_steps", config.num_steps)
+        values = {"num_steps": num_steps, "sampler": config.sampler,
+                  "average_last": min(config.average_last, num_steps) if isinstance(num_steps, int) else 1}
+        values.update(given)
         return cls(**values)

@@ -62,7 +62,7 @@ def training_env(base, device: str) -> dict:
     at the installed trainers folder, and on CPU data augmentation runs in-process without compile."""
     env = dict(base)
     if "nnUNet_extTrainer" not in env:  # only then: a checkout used in place has no installed trainers package
-        from nnunet_diffusion.cli import trainers_path
+        from nnunet_diffusion.options import trainers_path
         env["nnUNet_extTrainer"] = trainers_path()
     env.setdefault("nnUNet_n_proc_DA", "0" if device == "cpu" else "8")
     env.setdefault("nnUNet_compile", "f" if device == "cpu" else "t")

@@ -4,10 +4,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import replace
 from typing import List, Optional
 
-from nnunet_diffusion.cli import int_in_range
+from nnunet_diffusion.options import int_in_range
 from nnunet_diffusion.schedule import NUM_BASE_LEVELS
 
 
@@ -53,10 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="m: the output is the mean probability of the last m steps' x0_hat (default: all K' steps, "
                         "measured best in the prediction study; 1 = the last step's logits, the paper and nnU-Net's "
                         "own validation)")
-    g.add_argument("--start", choices=["noise", "zeros"], default=None,
-                   help="what the chain starts from at the noisiest level: noise, x_K ~ N(0, I) (the paper), or "
-                        "zeros, the mean of that noise (x_K carries no information about the mask there); later "
-                        "steps draw the same noise either way (default: the trainer's setting)")
+    g.add_argument("--start", choices=["noise"], default=None,
+                   help="what the chain starts from: noise, x_K ~ N(0, I) (the only start since the zero start left "
+                        "with its trainer; kept so that scripts passing it still run)")
     g.add_argument("--save-steps", action="store_true",
                    help="also write the segmentation of every step's x0_hat: CASE_step{K}..CASE_step1 (step K is "
                         "the first call, from pure noise)")
@@ -69,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "every mirrored call contributes to the output): the prediction study's rule picked it on "
                         "the default DiffusionTrainer's model (README, Results)")
     g.add_argument("--weights", choices=["average", "raw"], default="average",
-                   help="average: the checkpoint's exported weights (the moving average of the weights for trainers "
-                        "that keep one, DiffusionTrainer's default); raw: the trained weights beside that average, "
-                        "to measure what the average does on the same training run (default average)")
+                   help="average: the checkpoint's exported weights (for checkpoints of a former default that kept a "
+                        "moving average of the weights, that average); raw: the trained weights such a checkpoint "
+                        "keeps beside it (default average)")
     g.add_argument("--mirror-batch", type=int_in_range("--mirror-batch", 1), default=None,
                    help="mirrored copies of a tile per network call in full/final (default: all M at once, "
                         "halved automatically when memory runs out; 1: one call per mirroring)")
@@ -127,7 +125,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     from nnunet_diffusion.predictor import DiffusionPredictor
-    from nnunet_diffusion.trainer import read_checkpoint
+    from nnunet_diffusion.checkpoint import read_checkpoint
 
     folds = [f if f == "all" else int(f) for f in args.f]
     if args.part_id >= args.num_parts:
@@ -151,15 +149,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                                        verbose=args.verbose, verbose_preprocessing=args.verbose,
                                        allow_tqdm=not args.disable_progress_bar, steps=args.steps,
                                        sampler=args.sampler, seed=args.seed, num_samples=args.num_samples,
-                                       uncertainty=args.uncertainty, average_last=args.average_last,
-                                       start=args.start,
+                                       uncertainty=args.uncertainty,
+                                       # the measured default: the mean probability of every step's x0_hat
+                                       average_last="all" if args.average_last is None else args.average_last,
                                        save_steps=args.save_steps, tta="off" if args.disable_tta else args.tta,
                                        mirror_batch=args.mirror_batch, weights=args.weights)
         for f in folds:
             read_checkpoint(os.path.join(model_folder, f"fold_{f}", args.chk))
         predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
-        if args.average_last is None:  # the measured default: the mean probability of every step's x0_hat
-            predictor.sampling = replace(predictor.sampling, average_last=predictor.sampling.num_steps)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

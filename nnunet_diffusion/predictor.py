@@ -5,10 +5,13 @@ nnU-Net methods overridden (each a narrow hook; nnU-Net's sliding window, Gaussi
 export and multiprocessing stay untouched):
 
 * ``initialize_from_trained_model_folder`` / ``manual_initialization``: check that the model is a
-  diffusion model and resolve the sampling settings against the trained ones; with ``weights="raw"``, load
-  every fold's trained weights instead of their moving average.
+  diffusion model and resolve the sampling settings against the ones the checkpoint recorded (not the trainer
+  class's: a checkpoint of a former default predicts with its own m); with ``weights="raw"``, load every fold's
+  trained weights instead of their moving average.
 * ``_internal_get_sliding_window_slicers``: remember the tiles of the current case (in the order
-  nnU-Net's single producer thread feeds them), so each tile knows where it lies in the case.
+  nnU-Net's single producer thread feeds them), so each tile knows where it lies in the case. nnU-Net passes
+  the per-tile call the tile only, not its slicer, so tiles are counted; ``test_predictor.py`` pins the count
+  to nnU-Net's order (it fails if nnU-Net feeds the tiles in another order).
 * ``_internal_predict_sliding_window_return_logits``: reset the tile counter (nnU-Net re-runs it
   on the CPU after a GPU out-of-memory) and count the folds of the case.
 * ``_internal_maybe_mirror_and_predict``: one tile = N chains with the selected TTA mode.
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -31,25 +34,15 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from torch._dynamo import OptimizedModule
 
+from nnunet_diffusion.checkpoint import raw_weights, read_checkpoint, recorded_config
 from nnunet_diffusion.config import SamplingSettings
-from nnunet_diffusion.network import DiffusionUNet
+from nnunet_diffusion.network import SampledNetwork
 from nnunet_diffusion.noise import chain_noise, linear_index
+from nnunet_diffusion.sampling import (MirroredGroups, NetworkOutput, _batch_slice, _cat_outputs, _mean_outputs,
+                                       mean_of_last, mirrored)
 
 TTA_MODES = ("final", "chain", "full", "off", "sample")
 WEIGHTS = ("average", "raw")
-
-
-def raw_weights(checkpoint_file: str) -> dict:
-    """The trained (not averaged) weights a checkpoint keeps beside its weight average; a clear error for a
-    checkpoint without an average (its ``network_weights`` are the trained weights) or a released one."""
-    from nnunet_diffusion.trainer import read_checkpoint  # its clear errors for corrupt files
-    checkpoint = read_checkpoint(checkpoint_file)
-    if "training_network_weights" not in checkpoint:
-        raise ValueError(f"{checkpoint_file} keeps no separate trained weights: its trainer "
-                         f"({checkpoint.get('trainer_name')!r}) kept no moving average of the weights (its "
-                         f"network_weights are the trained weights), or it is a released checkpoint, which keeps "
-                         f"only the average. Use --weights average.")
-    return checkpoint["training_network_weights"]
 
 
 def mirror_combinations(axes: Optional[Sequence[int]]) -> List[Tuple[int, ...]]:
@@ -84,8 +77,8 @@ class DiffusionPredictor(nnUNetPredictor):
     steps: K' levels of the sampling chain (None: the trained K). Any K' in [1, 1001] is valid
         because the network is conditioned on base levels.
     sampler: "ddpm" or "ddim" (None: the trained sampler).
-    average_last: m, the output is the mean probability of the last m steps' x0_hat (None: the trained m).
-    start: "noise" or "zeros", what the chain starts from at level K (None: the trainer's setting).
+    average_last: m, the output is the mean probability of the last m steps' x0_hat (None: the trained m, as the
+        checkpoint recorded it; "all": every step of the chain).
     seed: the noise of sample i of fold f is the voxel-attached noise field of seed + i + 7919 f.
     num_samples: independent chains per tile and fold; the prediction is their mean probability.
     uncertainty: also compute predictive entropy and mutual information per voxel, over all samples of all folds.
@@ -95,26 +88,20 @@ class DiffusionPredictor(nnUNetPredictor):
         "final" K-1+M (one chain, each step another mirroring, the last step under all M), "chain" K (each
         step another mirroring), "off" K, "sample" K per sample: sample i runs its whole chain under mirroring
         i mod M (with ``num_samples`` = N a noise-and-mirror ensemble at N*K calls; N = 1 is "off").
-    tile_consistent_noise: False gives every tile its own independent noise (as stock sliding-window
-        prediction would), for measuring what the voxel-attached noise buys.
-    weights: "average" (the checkpoint's ``network_weights``: the EMA of the weights when the trainer keeps one,
-        else the trained weights) or "raw" (the trained weights of a trainer with an EMA,
-        ``training_network_weights``), to measure what the average buys on the same training run.
+    weights: "average" (the checkpoint's ``network_weights``: the trained weights, or their moving average for a
+        checkpoint of a former default that kept one) or "raw" (that checkpoint's ``training_network_weights``).
     mirror_batch: most mirrored copies of a tile per network call in "full" (the M chains run side by side in
         the batch) and in "final"'s last step (None: all M in one call, halved after an out-of-memory error;
         1: one call per mirroring). Same result up to floating-point rounding.
     """
 
     def __init__(self, *args, steps: Optional[int] = None, sampler: Optional[str] = None,
-                 average_last: Optional[int] = None, start: Optional[str] = None, seed: int = 0,
+                 average_last: Optional[Union[int, str]] = None, seed: int = 0,
                  num_samples: int = 1,
                  uncertainty: bool = False, save_steps: bool = False, tta: str = "full",
-                 tile_consistent_noise: bool = True, mirror_batch: Optional[int] = None, weights: str = "average",
+                 mirror_batch: Optional[int] = None, weights: str = "average",
                  **kwargs):
         super().__init__(*args, **kwargs)
-        # validated now (the trained values fill the gaps at initialisation)
-        SamplingSettings(num_steps=steps or 1001, sampler=sampler or "ddpm", average_last=average_last or 1,
-                         start=start or "noise")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
         if tta not in TTA_MODES:
@@ -122,13 +109,15 @@ class DiffusionPredictor(nnUNetPredictor):
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
         self.weights = weights
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self._requested = dict(num_steps=steps, sampler=sampler, average_last=average_last, start=start)
+        self._requested = dict(num_steps=steps, sampler=sampler, average_last=average_last, seed=seed)
+        # the settings are validated once, here, by SamplingSettings (the trained ones fill the gaps later)
+        SamplingSettings(**{"num_steps": 1001, "sampler": "ddpm", "average_last": 1,
+                            **{k: v for k, v in self._requested.items() if v is not None and v != "all"}})
         self.sampling: Optional[SamplingSettings] = None
+        self.chain_network: Optional[SampledNetwork] = None  # the network with the checkpoint's recorded settings
+        self.denoise = None  # the denoiser, (image, x_t, t) -> logits
         self.seed, self.num_samples, self.uncertainty, self.tta = seed, num_samples, uncertainty, tta
         self.save_steps = save_steps
-        self.tile_consistent_noise = tile_consistent_noise
         if mirror_batch is not None and (isinstance(mirror_batch, bool) or not isinstance(mirror_batch, int)
                                          or mirror_batch < 1):
             raise ValueError(f"mirror_batch must be an integer >= 1 or None, got {mirror_batch!r}")
@@ -145,26 +134,37 @@ class DiffusionPredictor(nnUNetPredictor):
 
     # ------------------------------------------------------------------ set-up
     @property
-    def diffusion_network(self) -> DiffusionUNet:
+    def diffusion_network(self) -> SampledNetwork:
         net = self.network._orig_mod if isinstance(self.network, OptimizedModule) else self.network
         net = getattr(net, "module", net)  # DDP during final validation
         return net
 
-    def _configure_network(self) -> None:
+    def _configure_network(self, recorded=None) -> None:
+        """The chain of this predictor: the denoiser nnU-Net built and loads weights into, with the settings the
+        checkpoint recorded (``recorded``: its DiffusionConfig; None: the trainer class's) and the requested
+        sampling."""
         net = self.diffusion_network
-        if not isinstance(net, DiffusionUNet):
+        if not isinstance(net, SampledNetwork):
             raise ValueError(f"{self.trainer_name} is not a diffusion trainer (network {type(net).__name__}); "
                              f"use nnUNetv2_predict for it")
-        self.sampling = SamplingSettings.from_config(net.config, seed=self.seed, **self._requested)
+        config = recorded or net.config
+        requested = dict(self._requested)
+        if requested["average_last"] == "all":
+            requested["average_last"] = requested["num_steps"] or config.num_steps
+        self.sampling = SamplingSettings.from_config(config, **requested)
+        self.chain_network = SampledNetwork(net.denoiser, config, self.sampling)
+        self.denoise = net.denoiser
 
     def initialize_from_trained_model_folder(self, model_training_output_dir, use_folds,
                                              checkpoint_name='checkpoint_final.pth'):
         super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
-        self._configure_network()
+        folds = [use_folds] if isinstance(use_folds, str) else list(use_folds or [])
+        first = os.path.join(model_training_output_dir, f"fold_{folds[0]}", checkpoint_name) if folds else None
+        recorded = recorded_config(read_checkpoint(first), first) if first and os.path.isfile(first) else None
+        self._configure_network(recorded)
         if self.weights == "raw":
             self.list_of_parameters = [raw_weights(os.path.join(model_training_output_dir, f"fold_{f}",
-                                                                checkpoint_name))
-                                       for f in ([use_folds] if isinstance(use_folds, str) else use_folds)]
+                                                                checkpoint_name)) for f in folds]
             self.diffusion_network.load_state_dict(self.list_of_parameters[0])
 
     def manual_initialization(self, *args, **kwargs):
@@ -270,43 +270,68 @@ class DiffusionPredictor(nnUNetPredictor):
         assert tuple(index.shape) == tuple(x.shape[2:]), (index.shape, x.shape)
         return index
 
-    def _run_chain(self, x: torch.Tensor, noise: Sequence[torch.Tensor], plan, on_step=None):
-        """One chain on tile x ``(1, C_img, *tile)`` through the network's (only) sampling loop."""
-        net = self.diffusion_network
-        return net.sample(x, self.sampling, noise=[n[None] for n in noise], mirrors=plan,
-                          mirror_batch=self.mirror_batch, on_step=on_step)
+    def _tile_chain(self, x: torch.Tensor, noise: Sequence[torch.Tensor], combos: List[Tuple[int, ...]],
+                    offset: int, record=None) -> torch.Tensor:
+        """One chain on tile x ``(1, C_img, *tile)`` with the TTA mode's mirroring, its output the mean of the last
+        m steps (float32 logits ``(1, C, *tile)``). ``record(step)`` sees every step (its tensors hold one
+        element per mirrored chain under ``--tta full``)."""
+        chain, K = self.chain_network, self.sampling.num_steps
+        groups = MirroredGroups(self.mirror_batch)
+        G = len(combos) if self.tta == "full" and len(combos) > 1 else 1
+        if G > 1:
+            # nnU-Net's mirroring around whole chains: the G chains side by side in the batch, sharing the noise
+            image = x.repeat(G, *([1] * (x.ndim - 1)))
+
+            def denoise(xt: torch.Tensor, t: torch.Tensor) -> NetworkOutput:
+                return _cat_outputs(groups(self.denoise, image, xt, t, combos))
+        else:
+            plan = mirror_plan(self.tta if self.tta != "full" else "off", combos, offset)
+            level = {int(t): k for k, t in enumerate(chain.schedule(K).timesteps, start=1)}
+
+            def denoise(xt: torch.Tensor, t: torch.Tensor) -> NetworkOutput:
+                k = level[int(t[0])]
+                mirrors = list(plan(K - k, k))
+                if len(mirrors) == 1:
+                    return mirrored(self.denoise, mirrors[0])(x, xt, t)
+                rep = (len(mirrors), *([1] * (x.ndim - 1)))
+                return _mean_outputs(groups(self.denoise, x.repeat(rep), xt.repeat(rep), t.repeat(len(mirrors)),
+                                            mirrors))
+
+        def recorded(steps):
+            for step in steps:
+                if record is not None:
+                    record(step)
+                yield step
+
+        noise = [n[None].repeat(G, *([1] * n.ndim)) for n in noise]
+        logits = mean_of_last(recorded(chain.steps(x.repeat(G, *([1] * (x.ndim - 1))), self.sampling, noise=noise,
+                                                   denoise=denoise)), self.sampling.average_last)
+        if G > 1:
+            logits = _mean_outputs([_batch_slice(logits, g, g + 1) for g in range(G)])
+        return logits.float()
 
     @torch.inference_mode()
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
         """Overrides nnU-Net's per-tile call: N chains per tile with the chosen TTA; returns logits
         ``(1, C, *tile)`` (for N > 1: log of the mean probabilities, so nnU-Net's softmax gives that mean)."""
-        net = self.diffusion_network
+        net = self.chain_network
         index = self._tile_noise_index(x)
         axes = [m + 2 for m in self.allowed_mirroring_axes] if (self.use_mirroring and
                                                                 self.allowed_mirroring_axes) else []
         combos = mirror_combinations(axes)
         K = self.sampling.num_steps
-        tile = self._tile_index if not self.tile_consistent_noise else 0
         fold = max(self._fold_index, 0)
         want_maps = self.uncertainty or self.save_steps
         probs_sum = entropy_sum = logits = None
         step_probs = torch.zeros((K, net.num_classes, *x.shape[2:]), device=x.device) if self.save_steps else None
 
-        def record(weight):
-            def on_step(k, t, x0_hat, out):
-                # mean over the batch: one tile, or one tile per chain of --tta full
-                step_probs[K - k] += weight * torch.softmax(out.float() if torch.is_tensor(out) else out[0].float(),
-                                                            1).mean(0)
-            return on_step if step_probs is not None else None
+        def record(step):
+            # mean over the batch: one tile, or one tile per chain of --tta full
+            step_probs[K - step.k] += step.probs.mean(0) / self.num_samples
 
         for s in range(self.num_samples):
-            noise = chain_noise(self.seed + s + 7919 * fold + 1_000_003 * tile, K, net.num_classes, index)
-            if self.tta == "full" and len(combos) > 1:
-                logits = net.sample(x, self.sampling, noise=[n[None] for n in noise], chains=combos,
-                                    mirror_batch=self.mirror_batch, on_step=record(1.0 / self.num_samples)).float()
-            else:
-                plan = mirror_plan(self.tta if self.tta != "full" else "off", combos, offset=s)
-                logits = self._run_chain(x, noise, plan, record(1.0 / self.num_samples)).float()
+            noise = chain_noise(self.seed + s + 7919 * fold, K, net.num_classes, index)
+            logits = self._tile_chain(x, noise, combos, s, record if step_probs is not None else None)
             if self.num_samples == 1 and not want_maps:
                 return logits
             probs = torch.softmax(logits, 1)

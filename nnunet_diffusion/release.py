@@ -10,10 +10,8 @@ of the weights that is verified whenever they are loaded.
 (the layout of ``nnUNetv2_export_model_to_zip``, so ``nnUNetv2_install_pretrained_model_from_zip model.zip``
 installs it into ``nnUNet_results``) and ``model.zip.sha256`` (``sha256sum -c`` format) for the file itself.
 
-The checkpoint's ``network_weights`` carry one extra entry, :data:`DIGEST_KEY`: the SHA-256 of every other
-entry (name, dtype, shape and bytes, in name order). ``DiffusionUNet.load_state_dict`` removes it and refuses
-weights whose digest differs, so a corrupted copy is refused by every command that loads it
-(``nnUNetv2_predict``, ``nnUNetv2_predict_diffusion``, training from it) with an error that says so.
+The checkpoint's ``network_weights`` carry the weights' digest (``checkpoint.DIGEST_KEY``), checked by every
+command that loads them (``checkpoint.verify_and_strip``), so a corrupted copy is refused with an error that says so.
 ``--half`` stores floating-point weights as float16 (half the size; they are cast back to float32 on loading,
 which changes predictions slightly: compare before shipping).
 """
@@ -23,79 +21,11 @@ import hashlib
 import json
 import os
 import zipfile
-from typing import Dict, Mapping, Optional
+from typing import Dict, Optional
 
 import torch
 
-DIGEST_KEY = "_release_weights_sha256"
-# checkpoint entries a released model keeps (nnU-Net's predictors need the first four)
-KEPT = ("network_weights", "init_args", "trainer_name", "inference_allowed_mirroring_axes", "diffusion",
-        "current_epoch")
-
-
-class ChecksumError(RuntimeError):
-    pass
-
-
-def _raw_bytes(t: torch.Tensor) -> bytes:
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 (hex) of the entries of a state dict other than :data:`DIGEST_KEY`: name, dtype, shape and the
-    raw bytes of each tensor, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(k for k in state_dict if k != DIGEST_KEY):
-        t = state_dict[name]
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
-        t = t.detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(_raw_bytes(t))
-    return h.hexdigest()
-
-
-def digest_tensor(hex_digest: str) -> torch.Tensor:
-    return torch.tensor(list(bytes.fromhex(hex_digest)), dtype=torch.uint8)
-
-
-def verify_and_strip(state_dict: Mapping[str, torch.Tensor], source: str = "the weights") -> Dict:
-    """Without :data:`DIGEST_KEY`: ``state_dict`` unchanged. With it: the other entries, after checking that
-    their digest is the recorded one (:class:`ChecksumError` otherwise)."""
-    if DIGEST_KEY not in state_dict:
-        return state_dict
-    recorded = bytes(state_dict[DIGEST_KEY].to(torch.uint8).tolist()).hex()
-    found = weights_digest(state_dict)
-    if found != recorded:
-        raise ChecksumError(f"{source}: SHA-256 of the network weights is {found}, the released model recorded "
-                            f"{recorded}: the checkpoint is corrupted. Download or install the model again.")
-    return {k: v for k, v in state_dict.items() if k != DIGEST_KEY}
-
-
-def released_checkpoint(checkpoint: Dict, half: bool = False) -> Dict:
-    """The weights-only checkpoint of a release: the entries of :data:`KEPT` and the weights' digest."""
-    missing = [k for k in ("network_weights", "init_args", "trainer_name", "inference_allowed_mirroring_axes")
-               if k not in checkpoint]
-    if missing:
-        raise ValueError(f"the checkpoint lacks {missing}: not a finished nnU-Net checkpoint")
-    # nnU-Net's U-Nets register the encoder twice (encoder.* and decoder.encoder.*), and a weight average holds
-    # both copies: entries with equal content become one tensor, which torch.save writes once (loading copies
-    # the values into each parameter, so sharing in the file changes nothing)
-    converted: Dict = {}
-    weights = {}
-    for k, v in checkpoint["network_weights"].items():
-        if k == DIGEST_KEY:
-            continue
-        v = v.detach().cpu().contiguous()
-        v = v.half() if half and v.is_floating_point() else v
-        key = (str(v.dtype), tuple(v.shape), hashlib.sha256(_raw_bytes(v)).digest())
-        weights[k] = converted.setdefault(key, v)
-    weights[DIGEST_KEY] = digest_tensor(weights_digest(weights))
-    out = {k: checkpoint[k] for k in KEPT if k in checkpoint}
-    out["network_weights"] = weights
-    return out
+from nnunet_diffusion.checkpoint import DIGEST_KEY, ChecksumError, read_checkpoint, released_checkpoint
 
 
 def release_model(model_folder: str, fold: str, out_zip: str, checkpoint_name: str = "checkpoint_final.pth",
@@ -106,7 +36,6 @@ def release_model(model_folder: str, fold: str, out_zip: str, checkpoint_name: s
     ``DiffusionTrainer_30ep100it`` on a custom split, released as ``DiffusionTrainer`` fold ``all``: a budget
     suffix changes the training length only, and the trainer's diffusion settings are still checked on loading).
     Returns release.json's content."""
-    from nnunet_diffusion.trainer import read_checkpoint
     model_folder = os.path.abspath(model_folder)
     source = os.path.join(model_folder, f"fold_{fold}", checkpoint_name)
     if not os.path.isfile(source):

@@ -1,8 +1,10 @@
-"""The reverse process (METHOD.md section 4) over explicit (t_k, t_{k-1}) pairs.
+"""The reverse process (METHOD.md section 4) over explicit (t_k, t_{k-1}) pairs: one chain,
+:func:`p_sample_progressive`, a generator of its steps, and what its consumers share.
 
-A ``denoise_fn(image, xt, t)`` is one network call: image ``(B, C_img, *spatial)``,
-xt ``(B, C, *spatial)``, t ``(B,)`` base levels; it returns the network output, a
-tensor or a list of tensors (deep supervision; element 0 is full resolution).
+The chain calls a ``denoise(x_t, t)``: x_t ``(B, C, *spatial)``, t ``(B,)`` base levels; it returns the network
+output, a tensor or a list of tensors (deep supervision; element 0 is full resolution). Whatever else the network
+sees (the image, a mirroring) is bound by the caller. A ``denoise_fn(image, xt, t)`` is a network call with the
+image (test-time mirroring: :func:`mirrored`, :class:`MirroredGroups`).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from nnunet_diffusion.config import STARTS, _check_choice
+from nnunet_diffusion.config import _check_choice
 from nnunet_diffusion.schedule import Schedule
 
 NetworkOutput = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -87,10 +89,6 @@ def interpret_output(output: NetworkOutput, xt: torch.Tensor, alpha_bar: Union[f
     raise ValueError(f"unknown prediction type {prediction!r}")
 
 
-def _randn(shape, like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, device=like.device, dtype=torch.float32)
-
-
 def _flip(output: NetworkOutput, axes: Tuple[int, ...]) -> NetworkOutput:
     if not axes:
         return output
@@ -120,9 +118,6 @@ def mean_probability_logits(outputs: Sequence[NetworkOutput]) -> NetworkOutput:
     mean = sum(torch.softmax(o.float(), dim=1) for o in outputs) / len(outputs)
     return torch.log(mean.clamp_min(1e-12))
 
-
-StepHook = Callable[[int, int, torch.Tensor, NetworkOutput], None]
-MirrorPlan = Callable[[int, int], Sequence[Tuple[int, ...]]]
 
 
 def _mean_outputs(outputs: Sequence[NetworkOutput]) -> NetworkOutput:
@@ -192,7 +187,7 @@ class MirroredGroups:
 
 def reverse_step(schedule: Schedule, x0_hat: torch.Tensor, xt: torch.Tensor, k: int, sampler: str,
                  draw: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """x_{k-1} from x_k and the step's x0_hat (step 2 of :func:`p_sample_loop`'s recipe), for a level k > 1
+    """x_{k-1} from x_k and the step's x0_hat (step 2 of :func:`p_sample_progressive`'s recipe), for a level k > 1
     shared by the batch; ``draw()`` gives the DDPM step's noise z (DDIM draws none)."""
     if sampler == "ddpm":
         mean, variance = schedule.q_posterior_mean_variance(x0_hat, xt, k)
@@ -276,105 +271,3 @@ def mean_of_last(steps: Iterable[Step], m: int) -> NetworkOutput:
     if not kept:
         raise ValueError("the chain yielded no step")
     return mean_probability_logits(kept)
-
-
-@torch.no_grad()
-def p_sample_loop(denoise_fn: DenoiseFn, image: torch.Tensor, schedule: Schedule, num_classes: int, *,
-                  sampler: str = "ddpm", prediction: str = "x0",
-                  generator: Optional[torch.Generator] = None,
-                  noise: Optional[Sequence[torch.Tensor]] = None,
-                  mirrors: Optional[Union[MirrorPlan, Sequence[Tuple[int, ...]]]] = None,
-                  average_last: int = 1,
-                  chains: Optional[Sequence[Tuple[int, ...]]] = None,
-                  mirror_batch: Optional[int] = None,
-                  on_step: Optional[StepHook] = None,
-                  self_condition: bool = False,
-                  start: str = "noise") -> NetworkOutput:
-    """Run the K-step chain and return the segmentation logits (the only loop over sampling steps).
-
-    Recipe (METHOD.md section 4):
-      1. x_K ~ N(0, I), shape ``(B, num_classes, *spatial)`` (``start="zeros"``: x_K = 0, the draw is still
-         made, so every later step gets the same noise as with ``"noise"``).
-      2. for k = K ... 1: logits = net(image, x_k, t_k); x0_hat = 2 softmax(logits) - 1;
-         if k > 1: x_{k-1} = c0_k x0_hat + ct_k x_k + sqrt(beta_tilde_k) z   (DDPM)
-                   x_{k-1} = sqrt(abar_{k-1}) x0_hat + sqrt(1 - abar_{k-1}) eps_hat   (DDIM, eta = 0)
-      3. return the logits of step k = 1 (``average_last`` = 1, the paper), or, for ``average_last`` = m,
-         the log of the mean softmax probability of the x0_hat estimates of the last m steps (k = m ... 1).
-
-    noise: the K tensors to use (x_K first, then z for k = K ... 2), so a caller can attach noise to voxels
-        of a whole case; otherwise noise is drawn from ``generator``.
-    mirrors: the test-time mirroring of each step: a plan ``mirrors(j, k) -> [axes, ...]`` (j = 0 at k = K;
-        tensor axes >= 2), or a sequence of axes tuples used in turn (step j: ``mirrors[j % len]``). A step
-        calls the network once per mirroring in its list, un-mirrors every output and averages the logits
-        (as nnU-Net averages mirrored predictions). None: no mirroring.
-    chains: instead of ``mirrors``, run one chain per mirroring side by side (chain i sees the network through
-        ``chains[i]`` at every step, all chains share the noise) and return the mean of their logits: nnU-Net's
-        test-time mirroring of the whole sampler, in K network calls of a len(chains)-fold batch.
-    mirror_batch: most mirrored copies evaluated in one network call (None: all of a step; fewer after an
-        out-of-memory error). 1 gives one call per mirroring.
-    on_step: called as ``on_step(k, t_k, x0_hat, logits)`` after every step (diagnostics); with ``chains`` the
-        tensors hold every chain along the batch (chain-major).
-    self_condition: the network also sees the previous step's x0_hat (zeros at the first step) as C channels
-        after x_t; mirrorings flip it with x_t.
-    """
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-    K = schedule.num_steps
-    if isinstance(average_last, bool) or not isinstance(average_last, int) or not 1 <= average_last:
-        raise ValueError(f"average_last must be an integer >= 1, got {average_last!r}")
-    average_last = min(average_last, K)
-    if chains is not None and mirrors is not None:
-        raise ValueError("give either mirrors (per step) or chains (per chain), not both")
-    _check_choice("start", start, STARTS)
-    groups = MirroredGroups(mirror_batch)
-    G = len(chains) if chains else 1
-    if mirrors is None or callable(mirrors):
-        plan: MirrorPlan = mirrors or (lambda j, k: [()])
-    else:
-        cycle = list(mirrors) or [()]
-        plan = lambda j, k: [cycle[j % len(cycle)]]  # noqa: E731
-    shape = (image.shape[0], num_classes, *image.shape[2:])
-    draws = iter(noise) if noise is not None else None
-
-    def draw() -> torch.Tensor:
-        z = next(draws).to(image.device, torch.float32) if draws is not None else _randn(shape, image, generator)
-        return z.repeat(G, *([1] * (z.ndim - 1))) if G > 1 else z
-
-    if G > 1:
-        image = image.repeat(G, *([1] * (image.ndim - 1)))
-    xt = draw()
-    if start == "zeros":
-        xt = torch.zeros_like(xt)
-    previous = torch.zeros_like(xt) if self_condition else None  # self-conditioning: the last x0_hat
-    kept: List[NetworkOutput] = []
-    for j, k in enumerate(range(K, 0, -1)):
-        i = k - 1
-        t_k = int(schedule.timesteps[i])
-        t = torch.full((image.shape[0],), t_k, dtype=torch.long, device=image.device)
-        net_in = xt if previous is None else torch.cat([xt, previous.to(xt.dtype)], dim=1)
-        if chains:
-            net_out = _cat_outputs(groups(denoise_fn, image, net_in, t, list(chains)))
-        else:
-            step_mirrors = list(plan(j, k))
-            if len(step_mirrors) == 1:
-                net_out = mirrored(denoise_fn, step_mirrors[0])(image, net_in, t)
-            else:
-                M = len(step_mirrors)
-                rep = (M, *([1] * (image.ndim - 1)))
-                net_out = _mean_outputs(groups(denoise_fn, image.repeat(rep), net_in.repeat(rep), t.repeat(M),
-                                               step_mirrors))
-        x0_hat, output = interpret_output(net_out, xt, float(schedule.alpha_bar[i]), prediction)
-        if previous is not None:
-            previous = x0_hat
-        if on_step is not None:
-            on_step(k, t_k, x0_hat, output)
-        if k <= average_last:
-            kept.append(output)
-        if k == 1:
-            break
-        xt = reverse_step(schedule, x0_hat, xt, k, sampler, draw)
-    result = mean_probability_logits(kept)
-    if G > 1:
-        B = image.shape[0] // G
-        result = _mean_outputs([_batch_slice(result, g * B, (g + 1) * B) for g in range(G)])
-    return result

@@ -9,20 +9,14 @@ nnU-Net methods overridden, each for one reason:
   (under DDP on every rank together: one all-reduce of a finite flag before backward).
 * ``initialize``: refuse label set-ups the method does not define (regions, ignore label).
 * ``save_checkpoint`` / ``load_checkpoint``: atomic writes, recorded diffusion settings,
-  clear refusal of corrupt or mismatched checkpoints; with ``ema_halflife`` > 0 the checkpoint's
-  ``network_weights`` (what predictors load) are the weight average and ``training_network_weights`` the
-  raw weights that ``--c`` resumes.
-* ``on_validation_epoch_start`` / ``_end`` and ``perform_actual_validation``: with an EMA, validate the
-  average (and train on the raw weights again afterwards).
+  clear refusal of corrupt or mismatched checkpoints (``checkpoint.py``).
 
-``validation_step`` stays stock, and so does ``perform_actual_validation`` apart from the EMA: in eval mode
-``network(image)`` runs the K-step sampler, so nnU-Net's pseudo Dice, sliding window,
-mirroring and export all see the logits the user will get.
+``validation_step`` and ``perform_actual_validation`` stay stock: in eval mode ``network(image)`` runs the K-step
+sampler, so nnU-Net's pseudo Dice, sliding window, mirroring and export all see the logits the user will get.
 """
 from __future__ import annotations
 
-import os
-from typing import ClassVar, List, Union
+from typing import ClassVar, Union
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -32,48 +26,45 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import autocast, nn
 from torch._dynamo import OptimizedModule
 
+from nnunet_diffusion.checkpoint import atomic_torch_save, check_diffusion_settings, read_checkpoint, verify_and_strip
 from nnunet_diffusion.config import DiffusionConfig
-from nnunet_diffusion.ema import WeightAverage, ema_decay
-from nnunet_diffusion.network import DiffusionUNet
+from nnunet_diffusion.network import DiffusionUNet, SampledNetwork
 from nnunet_diffusion.sampling import encode_mask, full_resolution
-from nnunet_diffusion.training import NoisyBatch, full_resolution_pass, make_noisy_mask, self_condition_input
+from nnunet_diffusion.training import NoisyBatch, full_resolution_pass, make_noisy_mask
 
 
 class DiffusionTrainer(nnUNetTrainer):
     """nnU-Net trainer for the paper's diffusion model (K = 5, recycling, x0 prediction, Dice + CE) with the
-    accuracy study's winners (README, Results): the input convolution's weights on the noisy-mask channels
+    accuracy study's adopted changes (docs: results): the input convolution's weights on the noisy-mask channels
     start at zero (``zero_init_mask_input``), the output is the mean probability of all K steps' x0_hat
-    (``average_last`` = K, also inside nnU-Net's validation and nnUNetv2_predict), and, since 2026-12-01, the
-    recycle pass starts from pure noise at level K and is supervised, its loss added to the level-k pass's
-    (``supervise_recycle``, ``recycle_source = "noise"``, ``recycle_loss = "sum"``): each iteration is stock
-    nnU-Net's training step on the batch plus a denoising step. Each was measured against the default before it at
-    equal budget. The exponential moving average of the weights (``ema_halflife``), part of the default from
-    2026-11-29, was dropped on 2026-11-30: on the same training runs the trained weights predicted better than
-    their average. The paper's exact configuration is ``DiffusionTrainer_paper``; the previous defaults are
-    ``DiffusionTrainer_zeroInitChainMean``, ``DiffusionTrainer_zeroInitChainMeanEma`` and
-    ``DiffusionTrainer_zeroInitMaskInput``."""
+    (``average_last`` = K, also inside nnU-Net's validation and nnUNetv2_predict), and the recycle pass starts from
+    pure noise at level K and is supervised, its loss added to the level-k pass's (``supervise_recycle``,
+    ``recycle_source = "noise"``, ``recycle_loss = "sum"``): each iteration is stock nnU-Net's training step on the
+    batch plus a denoising step. The paper's exact configuration is ``DiffusionTrainer_paper``; checkpoints of
+    earlier defaults predict through ``checkpoint.FORMER_DEFAULTS``."""
 
     diffusion: ClassVar[DiffusionConfig] = DiffusionConfig(zero_init_mask_input=True, average_last=5,
                                                            supervise_recycle=True, recycle_source="noise",
                                                            recycle_loss="sum")
     skipped_updates: int = 0  # training steps whose loss was not finite
-    _weight_average = None  # WeightAverage when diffusion.ema_halflife > 0, created on first use
-    _raw_weights = None  # the trained weights while validation runs on the average
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        """Same architecture class and arguments as the stock trainer; only the input grows by C mask channels."""
+        """Same architecture class and arguments as the stock trainer; only the input grows by C mask channels. The
+        denoiser in nnU-Net's adapter (``network(image)`` = the chain with the trainer's settings), which refuses
+        corrupted released weights whenever weights are loaded."""
         unet = get_network_from_plans(
             configuration_manager.network_arch_class_name,
             configuration_manager.network_arch_init_kwargs,
             configuration_manager.network_arch_init_kwargs_req_import,
-            num_input_channels + num_output_channels * (2 if cls.diffusion.self_condition else 1),
+            num_input_channels + num_output_channels,
             num_output_channels,
             allow_init=True,
             deep_supervision=enable_deep_supervision)
-        return DiffusionUNet(unet, num_input_channels, num_output_channels, cls.diffusion)
+        denoiser = DiffusionUNet(unet, num_input_channels, num_output_channels, cls.diffusion.zero_init_mask_input)
+        return SampledNetwork(denoiser, cls.diffusion, check_weights=verify_and_strip)
 
     def initialize(self) -> None:
         if self.label_manager.has_regions:
@@ -88,20 +79,12 @@ class DiffusionTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------------------ helpers
     @property
-    def diffusion_network(self) -> DiffusionUNet:
-        """The :class:`DiffusionUNet` behind DDP and torch.compile wrappers."""
+    def diffusion_network(self) -> SampledNetwork:
+        """The network behind DDP and torch.compile wrappers."""
         mod = self.network.module if self.is_ddp else self.network
         if isinstance(mod, OptimizedModule):
             mod = mod._orig_mod
         return mod
-
-    @property
-    def weight_average(self):
-        """The EMA of the weights (None without ``ema_halflife``)."""
-        if self.diffusion.ema_halflife > 0 and self._weight_average is None:
-            decay = ema_decay(self.diffusion.ema_halflife, self.num_epochs * self.num_iterations_per_epoch)
-            self._weight_average = WeightAverage(self.diffusion_network, decay)
-        return self._weight_average
 
     def make_noisy_batch(self, data: torch.Tensor, target) -> NoisyBatch:
         """x0 from the full-resolution label, then the noisy mask (with recycling if configured). An unsupervised
@@ -110,14 +93,9 @@ class DiffusionTrainer(nnUNetTrainer):
         x0 = encode_mask(full_resolution(target), self.label_manager.num_segmentation_heads)
         full_res = full_resolution_pass(self.network, self.diffusion_network.decoder)
         recycle_fn = self.network if cfg.supervise_recycle else full_res
-        noisy = make_noisy_mask(recycle_fn, data, x0, self.diffusion_network.training_schedule,
-                                recycle=cfg.recycle, prediction=cfg.prediction, recycle_source=cfg.recycle_source,
-                                supervise_recycle=cfg.supervise_recycle, noisiest_share=cfg.noisiest_share,
-                                zero_noisiest_input=cfg.zero_noisiest_input, sampler=cfg.sampler)
-        if cfg.self_condition:
-            noisy.condition = self_condition_input(full_res, data, noisy, cfg.prediction,
-                                                   self.diffusion_network.training_schedule)
-        return noisy
+        return make_noisy_mask(recycle_fn, data, x0, self.diffusion_network.training_schedule,
+                               recycle=cfg.recycle, prediction=cfg.prediction, recycle_source=cfg.recycle_source,
+                               supervise_recycle=cfg.supervise_recycle)
 
     def loss_of(self, output, target, noisy: NoisyBatch) -> torch.Tensor:
         """nnU-Net's (deep-supervised) Dice + CE of one pass's output."""
@@ -126,7 +104,7 @@ class DiffusionTrainer(nnUNetTrainer):
     def compute_loss(self, data: torch.Tensor, target, noisy: NoisyBatch) -> torch.Tensor:
         """The supervised pass's loss; with ``supervise_recycle`` the mean or the sum (``recycle_loss``) of it and
         the recycle pass's."""
-        loss = self.loss_of(self.network(data, noisy.network_input(), noisy.t), target, noisy)
+        loss = self.loss_of(self.network(data, noisy.xt, noisy.t), target, noisy)
         if noisy.recycled is not None:
             loss = loss + self.loss_of(noisy.recycled.output, target, noisy.recycled.batch)
             if self.diffusion.recycle_loss == "mean":
@@ -152,10 +130,8 @@ class DiffusionTrainer(nnUNetTrainer):
         if self.disable_checkpointing:
             self.print_to_log_file('No checkpoint written, checkpointing is disabled')
             return
-        average = self.weight_average
         checkpoint = {
-            'network_weights': self.diffusion_network.state_dict() if average is None else
-            average.weights_for(self.diffusion_network),
+            'network_weights': self.diffusion_network.state_dict(),
             'optimizer_state': self.optimizer.state_dict(),
             'grad_scaler_state': self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             'logging': self.logger.get_checkpoint(),
@@ -166,9 +142,6 @@ class DiffusionTrainer(nnUNetTrainer):
             'inference_allowed_mirroring_axes': self.inference_allowed_mirroring_axes,
             'diffusion': self.diffusion.to_dict(),
         }
-        if average is not None:
-            checkpoint['training_network_weights'] = self.diffusion_network.state_dict()
-            checkpoint['weight_average_updates'] = average.updates
         atomic_torch_save(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
@@ -179,32 +152,6 @@ class DiffusionTrainer(nnUNetTrainer):
         check_diffusion_settings(checkpoint, self.diffusion, str(filename_or_checkpoint)
                                  if isinstance(filename_or_checkpoint, str) else 'checkpoint')
         super().load_checkpoint(filename_or_checkpoint)
-        average = self.weight_average
-        if average is not None:
-            # network_weights (just loaded) are the average; training resumes from the raw weights
-            average.load(self.diffusion_network.state_dict(), checkpoint.get('weight_average_updates', 0))
-            if 'training_network_weights' in checkpoint:
-                self.diffusion_network.load_state_dict(checkpoint['training_network_weights'])
-
-    def on_validation_epoch_start(self):
-        """Overrides nnU-Net's hook: with an EMA, the epoch's pseudo Dice is the average's."""
-        super().on_validation_epoch_start()
-        if self.weight_average is not None:
-            self._raw_weights = self.weight_average.swap_into(self.diffusion_network)
-
-    def on_validation_epoch_end(self, val_outputs):
-        """Overrides nnU-Net's hook: the raw weights come back before checkpoints are written."""
-        if self._raw_weights is not None:
-            self.diffusion_network.load_state_dict(self._raw_weights)
-            self._raw_weights = None
-        super().on_validation_epoch_end(val_outputs)
-
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        """Overrides nnU-Net's final validation only to run it on the EMA weights when there are any."""
-        if self.weight_average is None:
-            return super().perform_actual_validation(save_probabilities)
-        with self.weight_average.applied(self.diffusion_network):
-            return super().perform_actual_validation(save_probabilities)
 
     # ------------------------------------------------------------------ nnU-Net hooks
     def train_step(self, batch: dict) -> dict:
@@ -239,8 +186,6 @@ class DiffusionTrainer(nnUNetTrainer):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
-        if self.weight_average is not None:
-            self.weight_average.update(self.diffusion_network)
         return {'loss': loss.detach().cpu().numpy()}
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
@@ -250,83 +195,3 @@ class DiffusionTrainer(nnUNetTrainer):
             import torch.distributed as dist
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return bool(finite.item())
-
-
-def atomic_torch_save(obj: dict, filename: str) -> None:
-    """torch.save to ``filename`` via a temporary file in the same folder and an atomic rename."""
-    folder, base = os.path.split(os.path.abspath(filename))
-    for stale in os.listdir(folder):  # left by a process killed while saving
-        if stale.startswith(base + ".tmp"):
-            os.remove(os.path.join(folder, stale))
-    tmp = f"{filename}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, filename)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_checkpoint(filename: str) -> dict:
-    """Load a checkpoint on the CPU, turning unreadable files into a clear error."""
-    try:
-        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        raise RuntimeError(f"checkpoint {filename} is corrupt or truncated and cannot be loaded "
-                           f"({type(e).__name__}: {e}). Use another checkpoint or retrain.") from e
-    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
-        raise RuntimeError(f"{filename} is not an nnU-Net checkpoint (no 'network_weights').")
-    return checkpoint
-
-
-# settings that only decide how a network is initialised: trained weights mean the same whatever they were
-INITIALISATION_ONLY = frozenset({"zero_init_mask_input", "stock_image_init"})
-# settings that only decide what the trained network's chain returns (never used in training): the loading
-# trainer's value applies, as nnUNetv2_predict_diffusion --average-last overrides it too
-OUTPUT_ONLY = frozenset({"average_last", "start"})
-NOT_REFUSED = INITIALISATION_ONLY | OUTPUT_ONLY  # a checkpoint may differ from its trainer in these
-
-
-def matching_trainers(settings: DiffusionConfig) -> List[str]:
-    """The trainers shipped with the package whose diffusion settings equal ``settings`` up to the settings a
-    checkpoint is not refused over, exact matches first."""
-    from nnunet_diffusion import variants
-    want = settings.to_dict()
-    found = []
-    for name in ["DiffusionTrainer", *variants.__all__]:
-        cls = DiffusionTrainer if name == "DiffusionTrainer" else getattr(variants, name)
-        if not issubclass(cls, DiffusionTrainer):  # a stock control such as nnUNetTrainer_doubleLoss
-            continue
-        have = cls.diffusion.to_dict()
-        if all(have[k] == v for k, v in want.items() if k not in NOT_REFUSED):
-            found.append((sum(have[k] != want[k] for k in NOT_REFUSED), name))
-    return [name for _, name in sorted(found, key=lambda x: x[0])]
-
-
-def check_diffusion_settings(checkpoint: dict, expected: DiffusionConfig, source: str) -> None:
-    """Refuse a checkpoint whose recorded diffusion settings differ from ``expected`` (settings that only
-    decide the initialisation, :data:`INITIALISATION_ONLY`, or the chain's output, :data:`OUTPUT_ONLY`, may
-    differ)."""
-    saved = checkpoint.get("diffusion")
-    if saved is None:
-        raise ValueError(f"{source} holds no diffusion settings: it was not written by a DiffusionTrainer "
-                         f"(trainer {checkpoint.get('trainer_name')!r}).")
-    want = expected.to_dict()
-    saved = DiffusionConfig.from_dict(saved).to_dict()  # fields added later get the value they had before
-    diff = {k: (saved[k], v) for k, v in want.items()
-            if saved[k] != v and k not in NOT_REFUSED}
-    if diff:
-        detail = ", ".join(f"{k}: checkpoint {a!r} vs trainer {b!r}" for k, (a, b) in diff.items())
-        same = matching_trainers(DiffusionConfig.from_dict(saved))
-        hint = (f"; trainers with its settings: {', '.join(same)} (e.g. -tr {same[0]}, with a budget suffix "
-                f"such as _12ep50it if it was trained with one)") if same else ""
-        raise ValueError(f"{source} was trained with other diffusion settings ({detail}); refusing to load it. "
-                         f"Use the trainer it was trained with (checkpoint trainer: "
-                         f"{checkpoint.get('trainer_name')!r}{hint}). DiffusionTrainer's defaults changed with "
-                         f"the accuracy study: a model trained with an earlier default loads with the trainer named "
-                         f"here.")

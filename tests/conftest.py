@@ -9,7 +9,7 @@ from nnunet_diffusion.cli import trainers_path
 from nnunet_diffusion.synthetic import make_synthetic_dataset
 
 from nnunet_diffusion.config import DiffusionConfig
-from nnunet_diffusion.network import DiffusionUNet
+from nnunet_diffusion.network import DiffusionUNet, SampledNetwork
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -36,19 +36,27 @@ def tiny_unet(dim: int = 3, in_channels: int = 3, num_classes: int = 3, deep_sup
 def assert_setting_refused_and_defaulted(field: str, changed: DiffusionConfig, base: DiffusionConfig) -> None:
     """A checkpoint trained with ``changed`` (``field`` set) is refused by a trainer with ``base``, naming the field;
     a checkpoint written before ``field`` existed reads as ``base`` (the field's default, the paper's value)."""
-    from nnunet_diffusion.trainer import check_diffusion_settings
+    from nnunet_diffusion.checkpoint import check_diffusion_settings
     with pytest.raises(ValueError, match=field):
         check_diffusion_settings({"diffusion": changed.to_dict()}, base, "x")
     old = {k: v for k, v in base.to_dict().items() if k != field}
     assert DiffusionConfig.from_dict(old) == base
 
 
-def tiny_diffusion_net(dim: int = 3, image_channels: int = 1, num_classes: int = 3, deep_supervision=False,
-                       arch: str = "plain", config: DiffusionConfig = DiffusionConfig()) -> DiffusionUNet:
+def tiny_denoiser(dim: int = 3, image_channels: int = 1, num_classes: int = 3, deep_supervision=False,
+                  arch: str = "plain", zero_init_mask_input: bool = False) -> DiffusionUNet:
     torch.manual_seed(0)
-    unet = tiny_unet(dim, image_channels + num_classes * (2 if config.self_condition else 1), num_classes,
-                     deep_supervision, arch)
-    return DiffusionUNet(unet, image_channels, num_classes, config, time_embed_dim=16)
+    unet = tiny_unet(dim, image_channels + num_classes, num_classes, deep_supervision, arch)
+    return DiffusionUNet(unet, image_channels, num_classes, zero_init_mask_input, time_embed_dim=16)
+
+
+def tiny_diffusion_net(dim: int = 3, image_channels: int = 1, num_classes: int = 3, deep_supervision=False,
+                       arch: str = "plain", config: DiffusionConfig = DiffusionConfig()) -> SampledNetwork:
+    """What a trainer builds, on a tiny U-Net: the denoiser in nnU-Net's adapter with ``config``, refusing corrupted
+    released weights."""
+    from nnunet_diffusion.checkpoint import verify_and_strip
+    return SampledNetwork(tiny_denoiser(dim, image_channels, num_classes, deep_supervision, arch,
+                                        config.zero_init_mask_input), config, check_weights=verify_and_strip)
 
 
 def run(cmd, env=None, check=True, timeout=900):

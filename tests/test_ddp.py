@@ -29,7 +29,7 @@ def _trainer(trainer_class, rank):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     net = tiny_diffusion_net(3, deep_supervision=True, config=trainer_class.diffusion)  # same seed on both ranks
-    torch.nn.init.normal_(net.time_proj.weight, std=0.05)
+    torch.nn.init.normal_(net.denoiser.time_proj.weight, std=0.05)
     tr = object.__new__(trainer_class)
     tr.network, tr.is_ddp, tr.local_rank, tr.device = DDP(net), True, rank, torch.device("cpu")
     tr.grad_scaler, tr.current_epoch = None, 0
@@ -47,7 +47,7 @@ def _worker(rank, world, init_file, out_dir, trainer_name):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     from nnunet_diffusion import variants
-    tr, net = _trainer(getattr(variants, trainer_name), rank)
+    tr, net = _trainer(variants.TRAINERS[trainer_name], rank)
     g = torch.Generator().manual_seed(100 + rank)  # different data per rank
     torch.manual_seed(200 + rank)  # and different noise
     losses = []
@@ -65,7 +65,7 @@ def _worker(rank, world, init_file, out_dir, trainer_name):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("trainer_name", ["DiffusionTrainer_paper", "DiffusionTrainer_supervisedRecycleFromNoise"])
+@pytest.mark.parametrize("trainer_name", ["DiffusionTrainer_paper", "DiffusionTrainer"])
 def test_ddp_ranks_skip_together_and_stay_identical(tmp_path, trainer_name):
     init = tmp_path / "init"
     ctx = mp.get_context("spawn")
@@ -88,7 +88,7 @@ def test_ddp_ranks_skip_together_and_stay_identical(tmp_path, trainer_name):
     # and training moved the parameters (the ranks did not just both stay at the initial values)
     from conftest import tiny_diffusion_net
     from nnunet_diffusion import variants
-    net = tiny_diffusion_net(3, deep_supervision=True, config=getattr(variants, trainer_name).diffusion)
-    torch.nn.init.normal_(net.time_proj.weight, std=0.05)
+    net = tiny_diffusion_net(3, deep_supervision=True, config=variants.TRAINERS[trainer_name].diffusion)
+    torch.nn.init.normal_(net.denoiser.time_proj.weight, std=0.05)
     init_params = torch.cat([p.detach().flatten() for p in net.parameters()]).numpy()
     assert not np.allclose(a, init_params)

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from nnunet_diffusion.cli import trainers_path
+from nnunet_diffusion.variants import TRAINERS
 
 FIND = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
         "import sys\n"
@@ -21,10 +22,17 @@ def _start(name, ext):
                             stderr=subprocess.PIPE, text=True, cwd=os.path.expanduser("~"))
 
 
-CLEAN_LOOKUPS = [
-    ("DiffusionTrainer", "nnunet_diffusion.trainer", "nnUNetTrainer"),
-    ("DiffusionTrainer_noRecycle", "nnunet_diffusion.variants", "DiffusionTrainer"),
+def _expected(name):
+    from nnunet_diffusion.variants import find_trainer
+    cls = find_trainer(name)
+    return name, cls.__module__, cls.__mro__[1].__name__
+
+
+# every shipped trainer (the one registry, variants.TRAINERS), a former default made from the table, budget twins
+CLEAN_LOOKUPS = [_expected(name) for name in TRAINERS] + [
+    ("DiffusionTrainer_zeroInitChainMeanEma", "nnunet_diffusion.trainers.former_defaults", "FormerDefaultTrainer"),
     ("DiffusionTrainer_3ep7it", "nnunet_diffusion.budget", "DiffusionTrainer"),
+    ("DiffusionTrainer_zeroInitChainMean_3ep7it", "nnunet_diffusion.budget", "DiffusionTrainer_zeroInitChainMean"),
     ("nnUNetTrainer_3ep7it", "nnunet_diffusion.budget", "nnUNetTrainer"),
 ]
 
@@ -87,3 +95,14 @@ def test_budget_trainer_settings():
             parse_budget(bad)
     with pytest.raises(AttributeError):
         make_budget_trainer("DiffusionTrainer_0ep3it")
+
+
+def test_trainer_modules_export_exactly_the_registry():
+    """The thin modules nnU-Net imports export the registry's trainers (variants.TRAINERS), no more, no fewer:
+    a trainer added to the package is added there, once."""
+    import importlib
+    exported = set()
+    for f in sorted(os.listdir(trainers_path())):
+        if f.endswith(".py") and f != "__init__.py":
+            exported |= set(getattr(importlib.import_module(f"nnunet_diffusion.trainers.{f[:-3]}"), "__all__", ()))
+    assert exported == set(TRAINERS)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_unet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures", "former_defaults")
@@ -22,17 +23,21 @@ def recorded():
 
 
 def network_of(checkpoint: dict):
-    """The network a predictor builds for ``checkpoint``, with its weights."""
-    from conftest import tiny_diffusion_net
-    from nnunet_diffusion import variants
-    net = tiny_diffusion_net(config=getattr(variants, checkpoint["trainer_name"]).diffusion)
+    """The network a predictor builds for ``checkpoint``: the architecture and sampling settings its recorded
+    diffusion settings give (``checkpoint.recorded_config``), with its weights."""
+    from nnunet_diffusion.checkpoint import recorded_config, verify_and_strip
+    from nnunet_diffusion.network import DiffusionUNet, SampledNetwork
+    config = recorded_config(checkpoint, checkpoint["trainer_name"])
+    torch.manual_seed(0)
+    denoiser = DiffusionUNet(tiny_unet(3, 1 + 3, 3), 1, 3, config.zero_init_mask_input, time_embed_dim=16)
+    net = SampledNetwork(denoiser, config, check_weights=verify_and_strip)
     net.load_state_dict(checkpoint["network_weights"])
     return net.eval()
 
 
 @pytest.mark.parametrize("name", TRAINERS)
 def test_former_default_checkpoint_predicts_as_before(name, recorded):
-    from nnunet_diffusion.trainer import read_checkpoint
+    from nnunet_diffusion.checkpoint import read_checkpoint
     checkpoint = read_checkpoint(os.path.join(FIXTURES, f"{name}.pth"))
     with torch.no_grad():
         out = network_of(checkpoint)(torch.from_numpy(recorded["image"])).numpy()
@@ -60,3 +65,15 @@ def test_released_model_predicts_as_before(recorded, monkeypatch):
             with torch.no_grad():
                 out = predictor.predict_sliding_window_return_logits(image).float().numpy()
             np.testing.assert_allclose(out, recorded[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("name", TRAINERS[1:])
+def test_former_default_trainer_has_the_recorded_settings(name):
+    """The trainer nnU-Net finds for a former default's folder (made from ``FORMER_DEFAULTS``) builds its network
+    with the settings the checkpoint recorded, and loads that checkpoint (trainer check included)."""
+    from nnunet_diffusion.checkpoint import check_diffusion_settings, read_checkpoint, recorded_config
+    from nnunet_diffusion.variants import find_trainer
+    checkpoint = read_checkpoint(os.path.join(FIXTURES, f"{name}.pth"))
+    cls = find_trainer(name)
+    assert cls.__name__ == name and cls.diffusion == recorded_config(checkpoint)
+    check_diffusion_settings(checkpoint, cls.diffusion, name)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from conftest import assert_setting_refused_and_defaulted, tiny_diffusion_net, tiny_unet
+from conftest import tiny_denoiser, tiny_diffusion_net
 from nnunet_diffusion.config import DiffusionConfig, SamplingSettings
-from nnunet_diffusion.network import FiLMNorm
+from nnunet_diffusion.network import _FILM, FiLMNorm
 
 
 def _inputs(dim, batch=2, classes=3):
@@ -14,7 +14,7 @@ def _inputs(dim, batch=2, classes=3):
 @pytest.mark.parametrize("arch", ["plain", "residual"])
 @pytest.mark.parametrize("dim", [2, 3])
 def test_denoise_step_shapes_and_every_norm_conditioned(dim, arch):
-    net = tiny_diffusion_net(dim, arch=arch)
+    net = tiny_denoiser(dim, arch=arch)
     image, xt = _inputs(dim)
     out = net(image, xt, torch.tensor([0, 1000]))
     assert out.shape == xt.shape
@@ -25,7 +25,7 @@ def test_denoise_step_shapes_and_every_norm_conditioned(dim, arch):
 
 @pytest.mark.parametrize("dim", [2, 3])
 def test_untrained_time_path_is_identity(dim):
-    net = tiny_diffusion_net(dim).eval()
+    net = tiny_denoiser(dim).eval()
     image, xt = _inputs(dim)
     with torch.no_grad():
         a = net(image, xt, torch.tensor([0, 0]))
@@ -38,7 +38,7 @@ def test_untrained_time_path_is_identity(dim):
 @pytest.mark.parametrize("arch", ["plain", "residual"])
 @pytest.mark.parametrize("dim", [2, 3])
 def test_output_depends_on_t_once_time_path_has_weights(dim, arch):
-    net = tiny_diffusion_net(dim, arch=arch).eval()
+    net = tiny_denoiser(dim, arch=arch).eval()
     torch.nn.init.normal_(net.time_proj.weight, std=0.1)
     image, xt = _inputs(dim)
     with torch.no_grad():
@@ -54,51 +54,82 @@ def test_output_depends_on_t_once_time_path_has_weights(dim, arch):
 def test_time_signal_survives_instance_norm():
     """Regression for the reference code's bug: a time vector added *before* InstanceNorm vanishes.
     Ours is applied after normalisation, so the output must change with t even right after a norm."""
-    net = tiny_diffusion_net(3).eval()
+    net = tiny_denoiser(3).eval()
     torch.nn.init.normal_(net.time_proj.weight, std=0.1)
     film = net._films[0]
     x = torch.randn(2, film.num_channels, 4, 4, 4)
-    net._condition(torch.tensor([0, 1000]), 2)
-    y = film(x)
-    net._clear()
+    token = _FILM.set(net.conditioning(torch.tensor([0, 1000])))
+    try:
+        y = film(x)
+    finally:
+        _FILM.reset(token)
     assert not torch.allclose(y[0], film.norm(x)[0])
 
 
 @pytest.mark.parametrize("dim", [2, 3])
 def test_eval_call_without_xt_runs_the_chain(dim):
-    net = tiny_diffusion_net(dim, deep_supervision=True).eval()
+    """``network(image)`` (what nnU-Net calls) is the adapter's chain: K denoiser calls at the schedule's levels, and
+    its output is the mean probability of the last m steps of that chain."""
+    net = tiny_diffusion_net(dim, deep_supervision=True, config=DiffusionConfig(average_last=3)).eval()
+    torch.nn.init.normal_(net.denoiser.time_proj.weight, std=0.1)
     image, _ = _inputs(dim, batch=1)
     calls = []
-    net.register_forward_hook(lambda *a: None)
-    orig = net.denoise
-
-    def counting(image, xt, t):
-        calls.append(int(t[0]))
-        return orig(image, xt, t)
-
-    net.denoise = counting
+    net.denoiser.register_forward_pre_hook(lambda module, args: calls.append(int(args[2][0])))
     with torch.no_grad():
         out = net(image)
-    assert calls == [1000, 750, 500, 250, 0]
-    out = out[0] if isinstance(out, (list, tuple)) else out
-    assert out.shape == (1, 3, *image.shape[2:])
-    assert torch.isfinite(out).all()
+        steps = list(net.steps(image, net.sampling))
+    assert calls == [1000, 750, 500, 250, 0] * 2
+    assert isinstance(out, list) and out[0].shape == (1, 3, *image.shape[2:])
+    expected = sum(step.probs for step in steps[2:]) / 3
+    torch.testing.assert_close(torch.softmax(out[0], 1), expected)
+    assert not torch.allclose(expected, steps[-1].probs, atol=1e-4)  # the mean is not the last step
 
 
 def test_default_seed_makes_chain_deterministic_and_seed_changes_it():
     net = tiny_diffusion_net(3).eval()
-    torch.nn.init.normal_(net.time_proj.weight, std=0.1)
+    torch.nn.init.normal_(net.denoiser.time_proj.weight, std=0.1)
     image, _ = _inputs(3, batch=1)
     with torch.no_grad():
         a, b = net(image), net(image)
-        c = net.sample(image, SamplingSettings(num_steps=5, seed=1))
+        c = net.predict(image, SamplingSettings(num_steps=5, seed=1))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_interleaved_predictions_with_different_settings_equal_separate_ones():
+    """The network holds no per-call state: two chains with different settings (K, sampler, m, seed) through the
+    same network object, advanced step by step in turn, give the steps and outputs each gives alone."""
+    net = tiny_diffusion_net(3).eval()
+    torch.nn.init.normal_(net.denoiser.time_proj.weight, std=0.3)
+    torch.nn.init.normal_(net.denoiser.time_mlp[0].weight, std=0.3)
+    image, _ = _inputs(3, batch=1)
+    a = SamplingSettings(num_steps=5, sampler="ddpm", average_last=2, seed=0)
+    b = SamplingSettings(num_steps=3, sampler="ddim", average_last=1, seed=7)
+    with torch.no_grad():
+        alone = {s: [step.logits.clone() for step in net.steps(image, s)] for s in (a, b)}
+        chains = {s: net.steps(image, s) for s in (a, b)}
+        together = {a: [], b: []}
+        while chains:
+            for s in list(chains):
+                try:
+                    together[s].append(next(chains[s]).logits.clone())
+                except StopIteration:
+                    del chains[s]
+        for s in (a, b):
+            assert len(together[s]) == s.num_steps
+            for x, y in zip(together[s], alone[s]):
+                assert torch.equal(x, y)
+        assert not torch.allclose(alone[a][-1], alone[b][-1])
+        assert torch.equal(net.predict(image, a), net.predict(image, a))
+    assert _FILM.get() is None  # nothing of a call is left behind
+    assert not any(k for k in vars(net.denoiser._films[0]) if k in ("scale", "shift"))
 
 
 def test_wrong_channel_count_is_refused():
     net = tiny_diffusion_net(3)
     with pytest.raises(ValueError, match="channel"):
         net(torch.randn(1, 2, 8, 8, 8))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        net(torch.full((1, 1, 8, 8, 8), float("nan")))
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -108,29 +139,41 @@ def test_fused_instance_norm_film_equals_reference_formula(dim, affine):
     if affine:
         torch.nn.init.normal_(norm.weight)
         torch.nn.init.normal_(norm.bias)
-    film = FiLMNorm(norm, 5)
+    film = FiLMNorm(norm, 5, 0)
     assert film._fusable
     x = torch.randn(3, 5, *([6] * dim))
-    film.scale, film.shift = torch.randn(3, 5), torch.randn(3, 5)
+    scale, shift = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
     view = (3, 5) + (1,) * dim
-    expected = norm(x) * (1 + film.scale.view(view)) + film.shift.view(view)
-    torch.testing.assert_close(film(x), expected, rtol=1e-5, atol=1e-5)
-    # gradients reach scale, shift and the norm's affine parameters
-    film.scale.requires_grad_(True)
-    film.shift.requires_grad_(True)
-    film(x).square().sum().backward()
-    assert film.scale.grad is not None and film.shift.grad is not None
+    expected = norm(x) * (1 + scale.view(view)) + shift.view(view)
+    token = _FILM.set(((scale, shift),))
+    try:
+        out = film(x)
+    finally:
+        _FILM.reset(token)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # gradients reach scale, shift and the norm's affine parameters as the formula's do
+    out.square().sum().backward()
+    grads = [scale.grad.clone(), shift.grad.clone()]
+    scale.grad = shift.grad = None
+    expected.square().sum().backward()
+    torch.testing.assert_close(grads[0], scale.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[1], shift.grad, rtol=1e-4, atol=1e-4)
     assert not affine or norm.weight.grad is not None
+    torch.testing.assert_close(film(x), norm(x))  # outside a call: the plain norm
 
 
 def test_generic_norm_path_for_group_norm():
     norm = torch.nn.GroupNorm(2, 4)
-    film = FiLMNorm(norm, 4)
+    film = FiLMNorm(norm, 4, 0)
     assert not film._fusable
     x = torch.randn(2, 4, 5, 5)
-    film.scale, film.shift = torch.randn(2, 4), torch.randn(2, 4)
-    expected = norm(x) * (1 + film.scale.view(2, 4, 1, 1)) + film.shift.view(2, 4, 1, 1)
-    torch.testing.assert_close(film(x), expected)
+    scale, shift = torch.randn(2, 4), torch.randn(2, 4)
+    expected = norm(x) * (1 + scale.view(2, 4, 1, 1)) + shift.view(2, 4, 1, 1)
+    token = _FILM.set(((scale, shift),))
+    try:
+        torch.testing.assert_close(film(x), expected)
+    finally:
+        _FILM.reset(token)
 
 
 @pytest.mark.parametrize("arch", ["plain", "residual"])
@@ -138,12 +181,10 @@ def test_generic_norm_path_for_group_norm():
 def test_zero_init_mask_input_makes_the_untrained_network_blind_to_xt(dim, arch):
     """zero_init_mask_input: the input convolution ignores x_t at initialisation (and only then: its mask
     weights are ordinary parameters); the paper's initialisation does not."""
-    from dataclasses import replace
-    from nnunet_diffusion.config import DiffusionConfig
     image, xt = _inputs(dim)
     t = torch.tensor([1000, 250])
-    quiet = tiny_diffusion_net(dim, arch=arch, config=replace(DiffusionConfig(), zero_init_mask_input=True)).eval()
-    paper = tiny_diffusion_net(dim, arch=arch).eval()
+    quiet = tiny_denoiser(dim, arch=arch, zero_init_mask_input=True).eval()
+    paper = tiny_denoiser(dim, arch=arch).eval()
     with torch.no_grad():
         torch.testing.assert_close(quiet(image, xt, t), quiet(image, torch.randn_like(xt), t))
         assert not torch.allclose(paper(image, xt, t), paper(image, torch.randn_like(xt), t))
@@ -166,98 +207,3 @@ def test_network_without_normalisation_layers_is_refused_by_name():
 
     with pytest.raises(ValueError, match="ConvOnly has no normalisation layer"):
         DiffusionUNet(ConvOnly(), 1, 3)
-
-
-def test_scale_mask_input_feeds_sqrt_alpha_bar_times_xt():
-    """``scale_mask_input``: one step of the network equals the unscaled network (same weights) on
-    sqrt(abar_t) x_t, per sample's own t; level K's input is almost gone, level 1's kept; self-conditioning's
-    estimate channels are not scaled."""
-    from dataclasses import replace
-    from nnunet_diffusion.config import DiffusionConfig
-    from nnunet_diffusion.schedule import base_alpha_bar
-    image, xt = _inputs(3)
-    t = torch.tensor([1000, 250])
-    abar = torch.tensor(base_alpha_bar())[t].float().view(2, 1, 1, 1, 1)
-    for config in (DiffusionConfig(), DiffusionConfig(self_condition=True)):
-        plain = tiny_diffusion_net(3, config=config).eval()
-        scaled = tiny_diffusion_net(3, config=replace(config, scale_mask_input=True)).eval()
-        scaled.load_state_dict(plain.state_dict())
-        estimate = torch.randn_like(xt)
-        inp = torch.cat([xt, estimate], 1) if config.self_condition else xt
-        ref = torch.cat([xt * abar.sqrt(), estimate], 1) if config.self_condition else xt * abar.sqrt()
-        with torch.no_grad():
-            torch.testing.assert_close(scaled(image, inp, t), plain(image, ref, t))
-            assert not torch.allclose(scaled(image, inp, t), plain(image, inp, t))
-    assert abar.sqrt()[0].item() < 0.01 and 0.7 < abar.sqrt()[1].item() < 0.75
-    assert set(scaled.state_dict()) == set(plain.state_dict())  # the weights' keys do not change
-
-
-def test_scaled_mask_input_trainer_settings_and_refusal():
-    """``DiffusionTrainer_scaledMaskInput`` is the default's settings with the scaling; checkpoints trained with and
-    without it refuse each other; a checkpoint from before the field reads as unscaled."""
-    from dataclasses import replace
-    from nnunet_diffusion.trainer import DiffusionTrainer
-    from nnunet_diffusion.variants import DiffusionTrainer_scaledMaskInput, DiffusionTrainer_zeroInitChainMeanEma
-    scaled = DiffusionTrainer_scaledMaskInput.diffusion
-    assert scaled == replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion, scale_mask_input=True)
-    assert_setting_refused_and_defaulted("scale_mask_input", scaled, DiffusionTrainer.diffusion)
-
-
-def test_without_time_conditioning_the_network_is_the_planned_unet():
-    """``time_conditioning = False``: no time path (no FiLM wrappers, no time MLP or projection); a denoising step is
-    the planned U-Net on (image, x_t) with the same weights, whatever t; with the time path the same weights give
-    t-dependent outputs once the projection is trained."""
-    from dataclasses import replace
-    cfg = replace(DiffusionConfig(), time_conditioning=False)
-    net = tiny_diffusion_net(3, config=cfg).eval()
-    assert not any(isinstance(m, FiLMNorm) for m in net.modules())
-    assert not any(k.startswith(("time_mlp", "time_proj")) for k in net.state_dict())
-    torch.manual_seed(0)
-    plain = tiny_unet(3, 4, 3).eval()
-    plain.load_state_dict({k[len("unet."):]: v for k, v in net.state_dict().items()})
-    image, xt = torch.randn(2, 1, 16, 16, 16), torch.randn(2, 3, 16, 16, 16)
-    with torch.no_grad():
-        out = net(image, xt, torch.tensor([0, 1000]))
-        assert torch.allclose(out, plain(torch.cat([image, xt], 1)), atol=1e-6)
-        assert torch.equal(out, net(image, xt, torch.tensor([500, 3])))
-    with pytest.raises(ValueError, match="t must have shape"):
-        net(image, xt, torch.tensor([1]))
-    timed = tiny_diffusion_net(3).eval()
-    torch.nn.init.normal_(timed.time_proj.weight, std=0.1)
-    with torch.no_grad():
-        assert not torch.allclose(timed(image, xt, torch.tensor([0, 0])), timed(image, xt, torch.tensor([1000, 1000])))
-
-
-def test_time_conditioning_trainers_settings_and_refusal():
-    """The two trainers without the time path are one change from theirs; checkpoints with and without it refuse each
-    other; a checkpoint from before the field reads as conditioned (the paper)."""
-    from dataclasses import replace
-    from nnunet_diffusion.variants import (DiffusionTrainer_imageOnly, DiffusionTrainer_imageOnlyNoTime,
-                                           DiffusionTrainer_noTimeConditioning, DiffusionTrainer_zeroInitChainMean)
-    assert DiffusionTrainer_imageOnlyNoTime.diffusion == replace(DiffusionTrainer_imageOnly.diffusion,
-                                                                 time_conditioning=False)
-    untimed = DiffusionTrainer_noTimeConditioning.diffusion
-    assert untimed == replace(DiffusionTrainer_zeroInitChainMean.diffusion, time_conditioning=False)
-    assert_setting_refused_and_defaulted("time_conditioning", untimed, DiffusionTrainer_zeroInitChainMean.diffusion)
-
-
-@pytest.mark.parametrize("arch", ["plain", "residual"])
-def test_stock_image_init_keeps_the_untrained_output_and_quarters_the_relative_step(arch):
-    """stock_image_init (with zero_init_mask_input): the image weights are sqrt(1 + C) = 2 times those of the same
-    draw without it; the normalisation after the input convolution makes the untrained output the same, while the
-    relative gradient |dL/dw| / |w| on those weights, SGD's relative step, is a quarter (the default's is 4x stock's)."""
-    from dataclasses import replace
-    from nnunet_diffusion.config import DiffusionConfig
-    zero = replace(DiffusionConfig(), zero_init_mask_input=True)
-    image, xt = _inputs(3)
-    t = torch.tensor([1000, 250])
-    relative, outputs = [], []
-    for config in (zero, replace(zero, stock_image_init=True)):
-        net = tiny_diffusion_net(3, arch=arch, config=config)
-        out = net(image, xt, t)
-        out.square().mean().backward()
-        conv = next(m for m in net.unet.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
-        relative.append((conv.weight.grad[:, :1].norm() / conv.weight[:, :1].norm()).item())
-        outputs.append(out.detach())
-    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-3, atol=1e-4)
-    assert relative[1] == pytest.approx(relative[0] / 4, rel=1e-2)

@@ -29,10 +29,10 @@ def _predictor(trained_3d, **kw):
 
 
 class CallCounter:
-    """Counts forward calls and evaluations (batch elements: one tile each, mirrored or not)."""
-    def __init__(self, net):
-        self.denoise, self.calls, self.evaluations = net.denoise, 0, 0
-        net.denoise = self
+    """Counts the predictor's denoiser calls and evaluations (batch elements: one tile each, mirrored or not)."""
+    def __init__(self, p):
+        self.denoise, self.calls, self.evaluations = p.denoise, 0, 0
+        p.denoise = self
 
     def __call__(self, *a):
         self.calls += 1
@@ -45,7 +45,7 @@ class CallCounter:
     ("off", 5, 5, None)])
 def test_network_calls_per_tile(trained, tta, evaluations, batched_calls, mirror_batch):
     p = _predictor(trained, tta=tta, mirror_batch=mirror_batch)
-    counter = CallCounter(p.diffusion_network)
+    counter = CallCounter(p)
     image = torch.randn(1, 30, 30, 24)  # larger than the 20x24x20 patch: several tiles
     p.predict_sliding_window_return_logits(image)
     n_tiles = len(p._slicers)
@@ -107,13 +107,12 @@ def test_tta_modes_unmirror_outputs(trained, tta, mirror_batch, dim):
     from nnunet_diffusion.predictor import mirror_combinations, mirror_plan
     # the reference loop returns the last step's logits (the trained default averages all steps)
     p = _predictor(trained, tta=tta, mirror_batch=mirror_batch, average_last=1)
-    net = p.diffusion_network
     fn = _position_net()
-    net.denoise = fn
+    p.denoise = fn
     x, spatial, axes, out = _predict_one_tile(p, dim)
     combos = mirror_combinations(axes)
     noise = chain_noise(0, 5, 3, linear_index(tuple(slice(0, s) for s in spatial), spatial, torch.device("cpu")))
-    schedule = net.schedule(5)
+    schedule = p.chain_network.schedule(5)
     if tta == "full":
         expected = sum(_reference_chain(fn, x, noise, schedule, lambda j, k, c=c: [c]) for c in combos) / len(combos)
     else:
@@ -132,14 +131,14 @@ def test_sample_mode_runs_each_sample_under_its_own_mirroring(trained, dim):
     from nnunet_diffusion.predictor import mirror_combinations
     n = 3
     p = _predictor(trained, tta="sample", num_samples=n, average_last=1)
-    counter = CallCounter(p.diffusion_network)
+    counter = CallCounter(p)
     fn = _position_net()
     counter.denoise = fn
     x, spatial, axes, out = _predict_one_tile(p, dim)
     assert counter.evaluations == counter.calls == n * 5
     combos = mirror_combinations(axes)
     index = linear_index(tuple(slice(0, s) for s in spatial), spatial, torch.device("cpu"))
-    schedule = p.diffusion_network.schedule(5)
+    schedule = p.chain_network.schedule(5)
     probs = [torch.softmax(_reference_chain(fn, x, chain_noise(i, 5, 3, index), schedule,
                                             lambda j, k, c=combos[i]: [c]), 1) for i in range(n)]
     torch.testing.assert_close(out, torch.log((sum(probs) / n).clamp_min(1e-6)), rtol=1e-4, atol=1e-4)
@@ -148,13 +147,13 @@ def test_sample_mode_runs_each_sample_under_its_own_mirroring(trained, dim):
 def test_overlapping_tiles_receive_identical_noise(trained, monkeypatch):
     p = _predictor(trained, tta="off")
     records = []
-    orig = p._run_chain
+    orig = p._tile_chain
 
-    def recording(x, noise, plan, on_step=None):
+    def recording(x, noise, combos, offset, record=None):
         records.append((p._slicers[p._tile_index - 1][1:], [n.clone() for n in noise]))
-        return orig(x, noise, plan, on_step)
+        return orig(x, noise, combos, offset, record)
 
-    monkeypatch.setattr(p, "_run_chain", recording)
+    monkeypatch.setattr(p, "_tile_chain", recording)
     p.predict_sliding_window_return_logits(torch.randn(1, 30, 30, 24))
     volume = torch.zeros(len(records[0][1]), 3, *p._volume_shape)
     filled = torch.zeros(p._volume_shape, dtype=torch.bool)
@@ -181,36 +180,57 @@ def test_linear_index_of_2d_tile_in_3d_case():
 
 def test_certain_identical_samples_give_zero_mutual_information(trained):
     p = _predictor(trained, tta="off", num_samples=3, uncertainty=True)
-    net = p.diffusion_network
 
     def certain(image, xt, t):  # ignores the noise: every sample is the same, with certainty
         logits = torch.zeros(image.shape[0], 3, *image.shape[2:])
         logits[:, 1] = 50.0
         return logits
 
-    net.denoise = certain
+    p.denoise = certain
     p.predict_sliding_window_return_logits(torch.randn(1, 30, 30, 24))
     entropy_map, mi = p.uncertainty_maps
     assert mi.abs().max() < 1e-6 and entropy_map.max() < 1e-6
 
 
-@pytest.mark.parametrize("start", [None, "zeros"])
-def test_start_option_reaches_the_chain(trained, start):
-    """DiffusionPredictor(start=...) (nnUNetv2_predict_diffusion --start) decides x_K of every tile's chain; None
-    keeps the trainer's setting (noise for this model)."""
-    p = _predictor(trained, tta="off", start=start)
-    assert p.sampling.start == (start or "noise")
-    net = p.diffusion_network
-    first_inputs, denoise = {}, net.denoise
+def test_tiles_arrive_in_the_order_of_nnunets_slicers(trained, monkeypatch):
+    """nnU-Net gives the per-tile call the tile only; the predictor counts the calls to know where a tile lies (its
+    noise is attached to those voxels). Pinned here: every tile nnU-Net feeds is the padded case at the slicer the
+    count points to, for every tile of a case, so a change of nnU-Net's order (or of its slicers) fails."""
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+    p = _predictor(trained, tta="off")
+    image = torch.randn(1, 30, 30, 24)
+    seen = []
+    orig = p._tile_chain
 
-    def record(image, xt, t):
-        if int(t[0]) == 1000:
-            first_inputs.setdefault("xt", xt.clone())
-        return denoise(image, xt, t)
+    def recording(x, noise, combos, offset, record=None):
+        seen.append((p._slicers[p._tile_index - 1], x[0].clone()))
+        return orig(x, noise, combos, offset, record)
 
-    net.denoise = record
-    p.predict_sliding_window_return_logits(torch.randn(1, 30, 30, 24))
-    assert (first_inputs["xt"].abs().max() == 0) == (start == "zeros")
+    monkeypatch.setattr(p, "_tile_chain", recording)
+    p.predict_sliding_window_return_logits(image)
+    data, _ = pad_nd_image(image, p.configuration_manager.patch_size, "constant", {"value": 0}, True, None)
+    assert len(seen) == len(p._slicers) > 1
+    assert len({str(sl) for sl, _ in seen}) == len(seen)  # each slicer once
+    for sl, tile in seen:
+        assert torch.equal(tile, data[sl])
+
+
+def test_predictor_samples_with_the_settings_the_checkpoint_recorded(trained, tmp_path):
+    """The predictor reads m (average_last) from the checkpoint, not from the trainer class nnU-Net builds the
+    network with: a checkpoint recording m = 1 predicts the last step with -tr DiffusionTrainer (m = 5)."""
+    model = tmp_path / "model"
+    shutil.copytree(os.path.dirname(trained), model, ignore=shutil.ignore_patterns("validation", "*.png"))
+    ck = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ck["diffusion"]["average_last"] == 5
+    ck["diffusion"]["average_last"] = 1
+    torch.save(ck, model / "fold_0" / "checkpoint_m1.pth")
+    samplings = {}
+    for name in ("checkpoint_final.pth", "checkpoint_m1.pth"):
+        p = DiffusionPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
+        p.initialize_from_trained_model_folder(str(model), (0,), name)
+        samplings[name] = p.sampling
+        assert p.chain_network.denoiser is p.diffusion_network.denoiser  # the weights nnU-Net loads are used
+    assert samplings["checkpoint_final.pth"].average_last == 5 and samplings["checkpoint_m1.pth"].average_last == 1
 
 
 def _predict(env, trained_3d, inp, out, *extra):

@@ -9,8 +9,9 @@ import SimpleITK as sitk
 import torch
 
 from conftest import BIN, DATASET, TR, run, tiny_diffusion_net
-from nnunet_diffusion.release import (DIGEST_KEY, ChecksumError, check_zip, released_checkpoint, verify_and_strip,
-                                      weights_digest)
+from nnunet_diffusion.checkpoint import (DIGEST_KEY, ChecksumError, released_checkpoint, verify_and_strip,
+                                         weights_digest)
+from nnunet_diffusion.release import check_zip
 
 
 def test_digest_covers_every_byte_name_and_dtype():

@@ -37,8 +37,8 @@ def test_resenc_plans_build_a_diffusion_network(env):
     cm = pm.get_configuration("3d_fullres")
     num_classes = len(dataset_json["labels"])
     net = DiffusionTrainer.build_network_architecture(pm, cm, 1, num_classes, enable_deep_supervision=False)
-    assert type(net.unet).__name__ == "ResidualEncoderUNet"
-    first_conv = next(m for m in net.unet.modules() if isinstance(m, torch.nn.Conv3d))
+    assert type(net.denoiser.unet).__name__ == "ResidualEncoderUNet"
+    first_conv = next(m for m in net.denoiser.unet.modules() if isinstance(m, torch.nn.Conv3d))
     assert first_conv.in_channels == 1 + num_classes
     torch.manual_seed(0)
     image = torch.randn(1, 1, *cm.patch_size)

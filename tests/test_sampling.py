@@ -88,9 +88,9 @@ def test_chain_stays_finite_under_bfloat16_autocast(K, sampler):
     """Every K in [1, 1001] keeps finite values with a real (tiny) network under low-precision autocast."""
     from conftest import tiny_diffusion_net
     net = tiny_diffusion_net(2).eval()
-    torch.nn.init.normal_(net.time_proj.weight, std=0.1)
+    torch.nn.init.normal_(net.denoiser.time_proj.weight, std=0.1)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = net.sample(torch.randn(1, 1, 8, 8) * 100, SamplingSettings(num_steps=K, sampler=sampler))
+        out = net.predict(torch.randn(1, 1, 8, 8) * 100, SamplingSettings(num_steps=K, sampler=sampler))
     assert torch.isfinite(out).all()
 
 

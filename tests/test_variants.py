@@ -1,4 +1,5 @@
-"""Each ablation trainer changes exactly what it claims; checked on real nnU-Net trainers and batches."""
+"""The shipped trainers: each ablation is one change from the paper's configuration and changes exactly what it
+claims (checked on real nnU-Net trainers and batches); every setting is one a shipped trainer or the predictor uses."""
 from dataclasses import replace
 
 import numpy as np
@@ -8,9 +9,10 @@ import torch
 from nnunet_diffusion.budget import make_budget_trainer
 from nnunet_diffusion.config import DiffusionConfig
 from nnunet_diffusion.sampling import encode_mask, full_resolution
-from nnunet_diffusion.trainer import check_diffusion_settings
-from nnunet_diffusion.variants import (DiffusionTrainer_1000steps, DiffusionTrainer_noDice,
-                                       DiffusionTrainer_noRecycle, DiffusionTrainer_predictNoise)
+from nnunet_diffusion.checkpoint import check_diffusion_settings
+from nnunet_diffusion.variants import (PAPER, TRAINERS, DiffusionTrainer_1000steps, DiffusionTrainer_noDice,
+                                       DiffusionTrainer_noRecycle, DiffusionTrainer_paper,
+                                       DiffusionTrainer_predictNoise)
 
 
 def _batch(tr):
@@ -20,22 +22,62 @@ def _batch(tr):
 
 
 class Recorder:
-    """Wraps the network's denoising step and records every call's t."""
+    """Records the t of every call of the trainer's denoiser."""
 
-    def __init__(self, net):
-        self.denoise, self.calls = net.denoise, []
-        net.denoise = self
+    def __init__(self, tr):
+        self.calls = []
+        tr.diffusion_network.denoiser.register_forward_pre_hook(lambda module, args: self.calls.append(args[2].tolist()))
 
-    def __call__(self, image, xt, t):
-        self.calls.append(t.tolist())
-        return self.denoise(image, xt, t)
+
+ABLATION_CHANGES = {"DiffusionTrainer_noRecycle": ("recycle", False), "DiffusionTrainer_noDice": ("use_dice", False),
+                    "DiffusionTrainer_predictNoise": ("prediction", "eps"),
+                    "DiffusionTrainer_1000steps": ("train_num_steps", 1001)}
+
+
+@pytest.mark.parametrize("name", sorted(ABLATION_CHANGES))
+def test_each_ablation_is_one_change_from_the_paper(name):
+    """Table 2 of the paper: each ablation differs from the paper's configuration in exactly one field, the named
+    one, whatever DiffusionTrainer's default is."""
+    field, value = ABLATION_CHANGES[name]
+    have, paper = TRAINERS[name].diffusion.to_dict(), PAPER.to_dict()
+    assert {k for k in paper if have[k] != paper[k]} == {field}
+    assert have[field] == value
+    assert DiffusionTrainer_paper.diffusion == DiffusionConfig() == PAPER
+
+
+def test_shipped_trainers_are_few_and_named_as_before():
+    assert set(TRAINERS) == {"DiffusionTrainer", "DiffusionTrainer_paper", *ABLATION_CHANGES, "DiffusionTrainer_head"}
+    assert len(TRAINERS) <= 8
+
+
+def test_every_setting_is_read_by_the_package():
+    """Every DiffusionConfig field is read (``.field``) somewhere in the package outside config.py's validation and
+    serialisation: a field that no trainer, network or predictor reads is dead weight."""
+    import ast
+    import os
+    from dataclasses import fields
+
+    import nnunet_diffusion
+    folder = os.path.dirname(nnunet_diffusion.__file__)
+    read = set()
+    for name in os.listdir(folder):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(folder, name)).read())
+        if name == "config.py":  # only what its methods use, not its checks of every field
+            tree = ast.Module([f for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "DiffusionConfig"
+                               for f in c.body if isinstance(f, ast.FunctionDef)
+                               and f.name not in ("__post_init__", "to_dict", "from_dict")], [])
+        read |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    unread = [f.name for f in fields(DiffusionConfig) if f.name not in read]
+    assert not unread, f"settings nothing reads: {unread}"
 
 
 @pytest.mark.parametrize("config", ["3d_fullres", "2d"])
 def test_no_recycle_builds_noisy_mask_from_ground_truth(make_trainer, config):
     tr = make_trainer("DiffusionTrainer_noRecycle_1ep1it", config)
     data, target = _batch(tr)
-    rec = Recorder(tr.network)
+    rec = Recorder(tr)
     torch.manual_seed(1)
     noisy = tr.make_noisy_batch(data, target)
     assert rec.calls == []  # no recycle pass
@@ -46,7 +88,7 @@ def test_no_recycle_builds_noisy_mask_from_ground_truth(make_trainer, config):
 def test_paper_trainer_recycles_from_next_level(make_trainer):
     tr = make_trainer("DiffusionTrainer_paper_1ep1it")
     data, target = _batch(tr)
-    rec = Recorder(tr.network)
+    rec = Recorder(tr)
     noisy = tr.make_noisy_batch(data, target)
     assert len(rec.calls) == 1
     schedule = tr.diffusion_network.training_schedule
@@ -127,12 +169,12 @@ def test_ablation_trains_validates_and_predicts_with_stock_commands(env, variant
     assert seg.shape == (20, 24, 20) and set(np.unique(seg)) <= {0, 1, 2}
 
 
-def test_supervised_recycle_from_noise_trains_the_chains_first_step(make_trainer):
-    """recycle_source="noise": the recycle pass runs at t_K on every sample, keeps its gradient (it is
+def test_default_recycle_pass_is_the_chains_first_step_and_supervised(make_trainer):
+    """The default's recycle_source="noise": the recycle pass runs at t_K on every sample, keeps its gradient (it is
     supervised), and x_t is built from its *detached* prediction."""
-    tr = make_trainer("DiffusionTrainer_supervisedRecycleFromNoise_1ep1it")
+    tr = make_trainer("DiffusionTrainer_1ep1it")
     data, target = _batch(tr)
-    rec = Recorder(tr.network)
+    rec = Recorder(tr)
     noisy = tr.make_noisy_batch(data, target)
     assert rec.calls[0] == [1000] * data.shape[0]
     assert noisy.recycled is not None and noisy.recycled.batch.k.tolist() == [5] * data.shape[0]
@@ -144,24 +186,24 @@ def test_supervised_recycle_from_noise_trains_the_chains_first_step(make_trainer
     torch.testing.assert_close(noisy.xt, schedule.q_sample(x0_hat, noisy.k, noisy.eps))
 
 
-@pytest.mark.parametrize("name,supervised,scale", [("DiffusionTrainer_supervisedRecycle_1ep1it", True, 0.5),
-                                                   ("DiffusionTrainer_noisePassSum_1ep1it", True, 1.0),
-                                                   ("DiffusionTrainer_1ep1it", True, 1.0),
-                                                   ("DiffusionTrainer_paper_1ep1it", False, None)])
-def test_supervised_recycle_loss_is_mean_or_sum_of_both_passes(make_trainer, name, supervised, scale):
-    """recycle_loss "mean" (the earlier behaviour) halves the two passes' summed loss, "sum" keeps it whole."""
+@pytest.mark.parametrize("name,recycle_loss,scale", [("DiffusionTrainer_1ep1it", None, 1.0),
+                                                     ("DiffusionTrainer_1ep1it", "mean", 0.5),
+                                                     ("DiffusionTrainer_paper_1ep1it", None, None)])
+def test_supervised_recycle_loss_is_mean_or_sum_of_both_passes(make_trainer, name, recycle_loss, scale):
+    """recycle_loss "sum" (the default) keeps the two passes' summed loss whole, "mean" halves it; the paper's
+    recycle pass is not supervised."""
     tr = make_trainer(name)
+    if recycle_loss is not None:
+        tr.diffusion = replace(tr.diffusion, recycle_loss=recycle_loss)  # instance attribute shadows the class's
     data, target = _batch(tr)
     torch.manual_seed(3)
     noisy = tr.make_noisy_batch(data, target)
-    assert (noisy.recycled is not None) == supervised
+    assert (noisy.recycled is not None) == (scale is not None)
     loss = tr.compute_loss(data, target, noisy)
     second = tr.loss(tr.network(data, noisy.xt, noisy.t), target)
-    if supervised:
+    if scale is not None:
         first = tr.loss(noisy.recycled.output, target)
         torch.testing.assert_close(loss, scale * (first + second))
-        loss.backward()  # the recycle pass's parameters get gradient from its own loss
-        assert tr.diffusion_network.time_proj.weight.grad is not None
     else:
         torch.testing.assert_close(loss, second)
 
@@ -177,70 +219,54 @@ def test_use_dice_drives_the_loss(make_trainer):
 
 
 def test_zero_init_mask_input_trainer_starts_blind_to_xt(make_trainer):
-    """DiffusionTrainer_zeroInitMaskInput: nnU-Net's initialised trainer holds zero input weights on the mask
-    channels (nothing re-initialises them after the network is built); the paper's trainer does not."""
-    for name, zero in (("DiffusionTrainer_zeroInitMaskInput_1ep1it", True), ("DiffusionTrainer_paper_1ep1it", False),
-                       ("DiffusionTrainer_1ep1it", True)):  # the default since the accuracy study
+    """The default trainer: nnU-Net's initialised trainer holds zero input weights on the mask channels (nothing
+    re-initialises them after the network is built); the paper's trainer does not."""
+    for name, zero in (("DiffusionTrainer_paper_1ep1it", False), ("DiffusionTrainer_1ep1it", True)):
         tr = make_trainer(name)
-        net = tr.diffusion_network
+        net = tr.diffusion_network.denoiser
         conv = next(m for m in net.unet.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
         mask_weights = conv.weight[:, net.num_image_channels:]
         assert mask_weights.shape[1] == net.num_classes
         assert (mask_weights.abs().sum().item() == 0) == zero
 
 
-def test_initialisation_only_settings_do_not_refuse_a_checkpoint():
-    """zero_init_mask_input and stock_image_init decide only the initial weights: a model trained with the paper's
-    initialisation loads into a trainer that zero-initialises (and back); a setting that changes training or sampling
-    does not."""
-    from nnunet_diffusion.variants import DiffusionTrainer_paper, DiffusionTrainer_zeroInitMaskInput
-    paper, zero = DiffusionTrainer_paper.diffusion, DiffusionTrainer_zeroInitMaskInput.diffusion
-    check_diffusion_settings({"diffusion": paper.to_dict()}, zero, "x")
-    check_diffusion_settings({"diffusion": zero.to_dict()}, paper, "x")
-    with pytest.raises(ValueError, match="recycle_source"):
-        check_diffusion_settings({"diffusion": replace(zero, recycle_source="noise").to_dict()}, paper, "x")
-    # stock_image_init too; a checkpoint from before the field reads as the paper's initialisation
-    from nnunet_diffusion.variants import DiffusionTrainer_stockImageInit, DiffusionTrainer_zeroInitChainMean
-    stock_init, default = DiffusionTrainer_stockImageInit.diffusion, DiffusionTrainer_zeroInitChainMean.diffusion
-    assert stock_init == replace(default, stock_image_init=True)
-    check_diffusion_settings({"diffusion": stock_init.to_dict()}, default, "x")
-    check_diffusion_settings({"diffusion": default.to_dict()}, stock_init, "x")
-    old = {k: v for k, v in stock_init.to_dict().items() if k != "stock_image_init"}
-    assert DiffusionConfig.from_dict(old) == default
+def test_initialisation_and_output_settings_do_not_refuse_a_checkpoint():
+    """zero_init_mask_input decides only the initial weights and average_last only what the trained chain returns:
+    a checkpoint that differs from its trainer in them loads; one that differs in a setting of training does not,
+    and the refusal names the setting and not the ones that may differ."""
+    zero = replace(PAPER, zero_init_mask_input=True, average_last=5)
+    check_diffusion_settings({"diffusion": PAPER.to_dict()}, zero, "x")
+    check_diffusion_settings({"diffusion": zero.to_dict()}, PAPER, "x")
+    with pytest.raises(ValueError, match="recycle_source") as err:
+        check_diffusion_settings({"diffusion": replace(zero, recycle_source="noise").to_dict()}, PAPER, "x")
+    assert "average_last" not in str(err.value) and "zero_init" not in str(err.value)
 
 
-def test_output_only_settings_do_not_refuse_a_checkpoint_and_a_refusal_names_the_matching_trainer():
-    """average_last decides only what the trained chain returns: a model trained with the last step as output
-    (``DiffusionTrainer_zeroInitMaskInput``'s settings, the default until 2026-11-29) loads into
-    ``DiffusionTrainer_zeroInitChainMean`` (the default of 2026-11-30), whose chain averages all steps, and one
-    trained with the default's settings but the last step as output loads into the default trainer. A model
-    trained with the EMA of the weights (the default of 2026-11-29, ``DiffusionTrainer_zeroInitChainMeanEma``'s
-    settings) is refused by the default trainer, which keeps none, and the error names the trainer that matches
-    its settings."""
+def test_removed_settings_load_only_where_they_do_not_change_the_prediction():
+    """A checkpoint recorded with a setting that left the package loads when its value predicts as the shipped
+    network does (training-only settings: any value) and is refused, naming the setting, otherwise; a setting the
+    checkpoint lacks (written before it existed) reads as the paper's."""
+    from nnunet_diffusion.checkpoint import recorded_config
+    base = PAPER.to_dict()
+    harmless = dict(ema_halflife=0.05, noisiest_share=0.5, zero_noisiest_input=True, stock_image_init=True,
+                    self_condition=False, scale_mask_input=False, time_conditioning=True, start="noise")
+    assert recorded_config({**base, **harmless}) == PAPER
+    assert recorded_config({**base, "recycle_source": "chain"}) == PAPER
+    for name, value in dict(self_condition=True, scale_mask_input=True, time_conditioning=False,
+                            start="zeros").items():
+        with pytest.raises(ValueError, match=f"{name}={value!r}"):
+            recorded_config({**base, name: value}, "old.pth")
+    with pytest.raises(ValueError, match="unknown diffusion settings"):
+        recorded_config({**base, "warp_drive": 1})
+    assert recorded_config({k: v for k, v in base.items() if k != "recycle_loss"}) == PAPER
+
+
+def test_default_settings_are_the_last_adopted_candidates():
+    """DiffusionTrainer's settings are those of the candidate adopted on 2026-12-01 (``FORMER_DEFAULTS``
+    records it), and that default's three changes to the recycle pass."""
+    from nnunet_diffusion.checkpoint import former_default_config
     from nnunet_diffusion.trainer import DiffusionTrainer
-    from nnunet_diffusion.variants import (DiffusionTrainer_zeroInitChainMean, DiffusionTrainer_zeroInitChainMeanEma,
-                                           DiffusionTrainer_zeroInitMaskInput)
-    default = DiffusionTrainer.diffusion
-    check_diffusion_settings({"diffusion": replace(default, average_last=1).to_dict()}, default, "x")
-    check_diffusion_settings({"diffusion": DiffusionTrainer_zeroInitMaskInput.diffusion.to_dict()},
-                             DiffusionTrainer_zeroInitChainMean.diffusion, "x")
-    with pytest.raises(ValueError, match="ema_halflife") as err:
-        check_diffusion_settings({"diffusion": DiffusionTrainer_zeroInitChainMeanEma.diffusion.to_dict(),
-                                  "trainer_name": "DiffusionTrainer"}, default, "x")
-    assert "-tr DiffusionTrainer_zeroInitChainMeanEma" in str(err.value)
-    assert "average_last" not in str(err.value).split("(")[1]  # not listed among the refused differences
-
-
-def test_default_is_the_noise_pass_sum_candidate():
-    """Since 2026-12-01 the default is ``DiffusionTrainer_noisePassSum``'s settings; the default before it, the
-    EMA default of 2026-11-29 without its average, is ``DiffusionTrainer_zeroInitChainMean``."""
-    from nnunet_diffusion.trainer import DiffusionTrainer
-    from nnunet_diffusion.variants import (DiffusionTrainer_noisePassSum, DiffusionTrainer_zeroInitChainMean,
-                                           DiffusionTrainer_zeroInitChainMeanEma)
-    assert DiffusionTrainer_zeroInitChainMeanEma.diffusion.ema_halflife > 0
-    assert DiffusionTrainer_zeroInitChainMean.diffusion == replace(DiffusionTrainer_zeroInitChainMeanEma.diffusion,
-                                                                   ema_halflife=0.0)
-    assert DiffusionTrainer.diffusion == DiffusionTrainer_noisePassSum.diffusion
+    assert DiffusionTrainer.diffusion == former_default_config("DiffusionTrainer_noisePassSum")
     assert (DiffusionTrainer.diffusion.supervise_recycle, DiffusionTrainer.diffusion.recycle_source,
             DiffusionTrainer.diffusion.recycle_loss) == (True, "noise", "sum")
 
@@ -248,35 +274,30 @@ def test_default_is_the_noise_pass_sum_candidate():
 def test_default_trainer_returns_the_mean_of_all_steps(make_trainer):
     """DiffusionTrainer's network, called as nnU-Net's validation and nnUNetv2_predict call it (image only),
     returns log(mean probability of all K steps' x0_hat): equal to the chain with average_last = K and different
-    from the last step's output. The default trainer keeps no EMA of the weights (since 2026-11-30)."""
-    from nnunet_diffusion.config import SamplingSettings
+    from the last step's output."""
     tr = make_trainer("DiffusionTrainer_1ep1it")
-    assert tr.weight_average is None
     net = tr.diffusion_network
     net.eval()
     torch.manual_seed(0)
     for p in net.parameters():  # weights that make the steps differ (the fresh network ignores x_t)
         p.data.add_(0.05 * torch.randn_like(p))
-    image = torch.randn(1, net.num_image_channels, *tr.configuration_manager.patch_size)
+    image = torch.randn(1, net.denoiser.num_image_channels, *tr.configuration_manager.patch_size)
     with torch.no_grad():
         out = full_resolution(net(image))
         K = net.config.num_steps
-        mean = full_resolution(net.sample(image, replace(net.default_sampling, average_last=K)))
-        last = full_resolution(net.sample(image, replace(net.default_sampling, average_last=1)))
-    assert K == 5 and isinstance(net.default_sampling, SamplingSettings)
+        mean = full_resolution(net.predict(image, replace(net.sampling, average_last=K)))
+        last = full_resolution(net.predict(image, replace(net.sampling, average_last=1)))
+    assert K == 5 and net.sampling.average_last == 5
     assert torch.allclose(out, mean, atol=1e-5)
     assert (out - last).abs().max() > 1e-3
 
 
-def test_noise_pass_sum_settings_validation_and_refusal():
-    """DiffusionTrainer_noisePassSum is the default of 2026-11-30 with a supervised level-K pass whose loss is
-    added; recycle_loss is checked, needs a supervised recycle pass, changes training (refused across
-    checkpoints), and a checkpoint from before the field reads as "mean"."""
+def test_recycle_loss_validation_and_refusal():
+    """recycle_loss is checked, needs a supervised recycle pass, changes training (refused across checkpoints), and
+    a checkpoint from before the field reads as "mean"."""
     from conftest import assert_setting_refused_and_defaulted
-    from nnunet_diffusion.variants import DiffusionTrainer_noisePassSum, DiffusionTrainer_zeroInitChainMean
-    cfg = DiffusionTrainer_noisePassSum.diffusion
-    assert cfg == replace(DiffusionTrainer_zeroInitChainMean.diffusion, supervise_recycle=True,
-                          recycle_source="noise", recycle_loss="sum")
+    from nnunet_diffusion.trainer import DiffusionTrainer
+    cfg = DiffusionTrainer.diffusion
     with pytest.raises(ValueError, match="recycle_loss must be one of"):
         replace(cfg, recycle_loss="max")
     with pytest.raises(ValueError, match="needs supervise_recycle"):
@@ -288,20 +309,3 @@ def test_noise_pass_sum_settings_validation_and_refusal():
     old = {k: v for k, v in mean.to_dict().items() if k != "recycle_loss"}
     with pytest.raises(ValueError, match="recycle_loss"):
         check_diffusion_settings({"diffusion": old}, cfg, "x")
-
-
-def test_double_loss_control_is_stock_with_twice_the_loss_and_gradient(make_trainer):
-    """nnUNetTrainer_doubleLoss (the loss-scale control of DiffusionTrainer_noisePassSum) computes stock nnU-Net's
-    deep-supervised Dice + CE on the same network and batch, times two, so its gradient is twice stock's."""
-    stock, double = make_trainer("nnUNetTrainer_1ep1it"), make_trainer("nnUNetTrainer_doubleLoss_1ep1it")
-    assert type(double).__mro__[2].__name__ == "nnUNetTrainer" and double.enable_deep_supervision
-    double.network.load_state_dict(stock.network.state_dict())
-    data, target = _batch(stock)
-    grads = []
-    for tr in (stock, double):
-        tr.network.zero_grad()
-        loss = tr.loss(tr.network(data), target)
-        loss.backward()
-        grads.append((loss.detach(), next(tr.network.parameters()).grad.clone()))
-    torch.testing.assert_close(grads[1][0], 2 * grads[0][0])
-    torch.testing.assert_close(grads[1][1], 2 * grads[0][1])
