@@ -106,6 +106,8 @@ def train_repeats(bases: List[str], epochs: int, iters: int, repeats: int, jobs:
             root = os.path.join(str(nnUNet_results), DATASET, "accuracy_repeats", f"run{r}")
             fold_dir = os.path.join(root, DATASET, f"{trainer}__nnUNetPlans__{CONFIG}", f"fold_{fold}")
             cmd = [tool_path("nnUNetv2_train"), DATASET_ID, CONFIG, str(fold), "-tr", trainer, "-device", device]
+            if os.environ.get("ACCURACY_NPZ") == "1":  # the final validation also saves probabilities (triage)
+                cmd.append("--npz")
             run = {"base": base, "run": r, "trainer": trainer, "fold_dir": fold_dir, "root": root,
                    "command": f"nnUNet_results=.../accuracy_repeats/run{r} nnUNetv2_train " + " ".join(cmd[1:])}
             runs.append(run)

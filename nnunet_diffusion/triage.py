@@ -128,12 +128,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("-i", required=True, help="folder of CASE.npz probability files")
     parser.add_argument("-o", help="CSV to write (default: FOLDER/triage.csv)")
     parser.add_argument("--summary", help="nnU-Net's summary.json of the same cases: also measure the triage")
+    parser.add_argument("--quality-out", help="with --summary: also write the measurement to this JSON file")
     args = parser.parse_args(argv)
     try:
         rows = triage_folder(args.i, args.o)
         print(f"wrote {args.o or os.path.join(args.i, 'triage.csv')} ({len(rows)} cases, least likely right first)")
         if args.summary:
-            print(json.dumps(triage_quality(rows, true_dice(args.summary)), indent=1))
+            quality = triage_quality(rows, true_dice(args.summary))
+            print(json.dumps(quality, indent=1))
+            if args.quality_out:
+                with open(args.quality_out, "w") as f:
+                    json.dump(quality, f, indent=1)
     except (ValueError, OSError) as e:
         parser.exit(2, f"error: {e}\n")
     return 0

@@ -65,5 +65,7 @@ def test_folder_triage_and_its_quality(tmp_path):
     summary = {"metric_per_case": [{"prediction_file": f"/x/{k}.nii.gz", "metrics": {"1": {"Dice": v}}}
                                    for k, v in truth.items()]}
     (tmp_path / "summary.json").write_text(json.dumps(summary))
-    assert main(["-i", str(tmp_path), "--summary", str(tmp_path / "summary.json")]) == 0
-    assert os.path.isfile(tmp_path / "triage.csv")
+    assert main(["-i", str(tmp_path), "--summary", str(tmp_path / "summary.json"), "--quality-out",
+                 str(tmp_path / "q.json")]) == 0
+    written = json.load(open(tmp_path / "q.json"))  # the default worst 10 % of 4 cases: 1 case
+    assert os.path.isfile(tmp_path / "triage.csv") and written["worst_cases"] == 1 and written["mae"] == q["mae"]
