@@ -178,6 +178,7 @@ class DiffusionUNet(nn.Module):
             _FILM.reset(token)
 
 
+@torch.compiler.disable  # numpy, once per K: outside any compiled graph (nnUNet_compile compiles network(image))
 @lru_cache(maxsize=None)
 def _inference_schedule(config: DiffusionConfig, num_steps: int) -> Schedule:
     return config.inference_schedule(num_steps)
