@@ -31,26 +31,7 @@ BATCH=${BATCH:-2}
 WORK=${WORK:-/tmp/gpu_accuracy}
 source benchmarks/gpu_common.sh
 
-export nnUNet_raw=$WORK/raw nnUNet_preprocessed=$WORK/preprocessed nnUNet_results=$WORK/results
-export nnUNet_compile=${nnUNet_compile:-f}
-mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
-if [ ! -e "$nnUNet_raw/Dataset004_Hippocampus" ]; then
-  if [ -n "${DATA_DIR:-}" ]; then
-    ln -s "$(realpath "$DATA_DIR")" "$nnUNet_raw/Dataset004_Hippocampus"
-  else
-    echo "[$(elapsed) s] unpacking ${DATA_TAR:=.gpu/hip.tar.xz}"
-    tar -xJf "$DATA_TAR" -C "$nnUNet_raw" || exit 1
-    find "$nnUNet_raw" -name '*.nii' -print0 | xargs -0 -r -P "$(nproc)" -n 16 gzip -1
-  fi
-fi
-if [ ! -d "$nnUNet_preprocessed/Dataset004_Hippocampus/nnUNetPlans_3d_fullres" ]; then
-  echo "[$(elapsed) s] planning and preprocessing 3d_fullres"
-  NP=$(( $(nproc) > 8 ? 8 : $(nproc) ))
-  nnUNetv2_plan_and_preprocess -d 4 -c 3d_fullres -np "$NP" > "$WORK/plan.log" 2>&1 || { tail -30 "$WORK/plan.log"; exit 1; }
-fi
-# the CPU study's split (the same 42 validation cases of fold 0); SPLIT overrides it
-SPLIT=${SPLIT:-results/Dataset004_Hippocampus/accuracy_cpu_12x50/splits_final.json}
-[ -f "$SPLIT" ] && cp "$SPLIT" "$nnUNet_preprocessed/Dataset004_Hippocampus/splits_final.json"
+prepare_hippocampus || exit 1
 
 set -- $TRAINERS
 JOBS=${JOBS:-$(( $# * REPEATS ))}
