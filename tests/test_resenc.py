@@ -43,11 +43,15 @@ def test_resenc_plans_build_a_diffusion_network(env):
     torch.manual_seed(0)
     image = torch.randn(1, 1, *cm.patch_size)
     with torch.no_grad():
-        out = net(image, torch.randn(1, num_classes, *cm.patch_size), torch.tensor([500.0]))
+        xt = torch.randn(1, num_classes, *cm.patch_size)
+        out = net(image, xt, torch.tensor([500.0]))
         chain = net(image)
+        # the untrained time path is the identity: one step is the planned U-Net on (image, x_t), in that order
+        planned = net.denoiser.unet(torch.cat([image, xt], 1))
     for logits in (out, chain):  # without deep supervision: one tensor of logits at full resolution
         assert torch.is_tensor(logits) and logits.shape == (1, num_classes, *cm.patch_size)
         assert torch.isfinite(logits).all()
+    torch.testing.assert_close(out, planned)
 
 
 @pytest.mark.slow
