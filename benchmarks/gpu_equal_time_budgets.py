@@ -10,7 +10,8 @@ optimiser, its data loaders with ``nnUNet_n_proc_DA`` workers), one short warm-u
 training steps and ``--iterations // 5`` validation steps (a budget trainer's epoch, what nnU-Net's "Epoch time"
 measures), the trainers taking turns (A B C A B C, so that drift of the machine is shared) until each has run
 ``--seconds`` of timed epochs and at least 2. A trainer's time t is its median epoch; its equal-time budget is
-E = round(E_stock x t_stock / t), the first trainer being stock. Writes ``timing.json`` and prints one
+E = round(E_stock x t_stock / t), the first trainer being stock; with ``--finish-by``, E_stock is lowered where
+its epochs would not fit before then (``epochs_that_fit``). Writes ``timing.json`` and prints one
 ``BUDGET TRAINER EPOCHS`` line per trainer on stdout (the shell script reads them).
 
 ``report``: after the trainings, from each method's accuracy-protocol folder (``accuracy.json``: every run's
@@ -48,6 +49,15 @@ def equal_time_budgets(epoch_s: Dict[str, float], stock_epochs: int, reference: 
     if bad:
         raise ValueError(f"epoch times must be positive: {bad}")
     return {k: max(1, round(stock_epochs * epoch_s[reference] / v)) for k, v in epoch_s.items()}
+
+
+def epochs_that_fit(stock_epochs: int, seconds_left: float, reserve_s: float, stock_epoch_wall_s: float) -> int:
+    """``stock_epochs``, or fewer (at least 1) where they would not fit: stock trains side by side with the others
+    at ``stock_epoch_wall_s`` of wall clock per epoch, and ``reserve_s`` is kept for the runs' start-up and their
+    final validations (the equal-time runs end their training about when stock does)."""
+    if stock_epoch_wall_s <= 0:
+        raise ValueError(f"the wall-clock time of a stock epoch must be positive, got {stock_epoch_wall_s}")
+    return max(1, min(stock_epochs, int((seconds_left - reserve_s) // stock_epoch_wall_s)))
 
 
 def _timed_epoch(tr, n_train: int, n_val: int) -> Dict[str, float]:
@@ -124,9 +134,17 @@ def cmd_time(args) -> int:
     if args.protocol_work:  # the validation images' links the protocols would each make, side by side
         val_images(args.fold, args.protocol_work)
     timing = time_trainers(args.trainers, args.iterations, args.seconds, args.device)
-    budgets = equal_time_budgets({k: v["epoch_s"] for k, v in timing.items()}, args.stock_epochs, args.trainers[0])
+    stock_epochs = args.stock_epochs
+    if args.finish_by:
+        stock_epochs = epochs_that_fit(stock_epochs, args.finish_by - time.time(), args.reserve_s,
+                                       args.stock_epoch_wall_s)
+        if stock_epochs < args.stock_epochs:
+            print(f"# only {stock_epochs} stock epochs fit before the deadline (not {args.stock_epochs})",
+                  file=sys.stderr)
+    budgets = equal_time_budgets({k: v["epoch_s"] for k, v in timing.items()}, stock_epochs, args.trainers[0])
     result = {"reference": args.trainers[0], "iterations": args.iterations, "seconds": args.seconds,
-              "stock_epochs": args.stock_epochs, "batch_size": args.batch_size, "device": args.device,
+              "stock_epochs": stock_epochs, "stock_epochs_asked": args.stock_epochs,
+              "batch_size": args.batch_size, "device": args.device,
               "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA"), "machine": machine_info(args.device),
               "trainers": timing, "budgets": budgets}
     with open(args.o, "w") as f:
@@ -282,6 +300,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("-device", default="cuda")
+    p.add_argument("--finish-by", type=float, default=None,
+                   help="Unix time by which every run should have validated: fewer stock epochs where --stock-epochs "
+                        "would not fit (see --stock-epoch-wall-s, --reserve-s)")
+    p.add_argument("--stock-epoch-wall-s", type=float, default=4.4,
+                   help="wall clock of one stock epoch with all runs side by side (default 4.4: 100 iterations on "
+                        "an H200 with 4-8 runs, accuracy_gpu_50x100 and _12x50: 2.6-3.1 s of epoch time plus 1.4 s "
+                        "of nnU-Net's logging, plotting and checkpoints)")
+    p.add_argument("--reserve-s", type=float, default=190.0,
+                   help="seconds kept for the runs' start-up, first epoch and final validations (default 190: "
+                        "DiffusionTrainer_head validates three outputs, 40-50 s each)")
     p.add_argument("--protocol-work", help="accuracy_protocol.py's work folder: link the fold's validation images "
                                            "there first, so that protocols started side by side find them")
     p.set_defaults(func=cmd_time)

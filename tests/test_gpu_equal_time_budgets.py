@@ -79,3 +79,12 @@ def test_report_realised_ratio_and_outputs_against_stock_and_trunk(tmp_path):
     assert comps[("trunk", "stock")]["delta"] == pytest.approx(-0.01)
     assert comps[("chain", "trunk")]["delta"] == pytest.approx(0.01)
     assert comps[("own", "trunk")]["delta"] == pytest.approx(0.015)
+
+
+def test_stock_epochs_lowered_only_where_they_would_not_fit():
+    # 400 s left, 190 s reserved: 210 s / 4.4 s = 47.7 -> 47 epochs instead of 50
+    assert g.epochs_that_fit(50, 400, 190, 4.4) == 47
+    assert g.epochs_that_fit(50, 1000, 190, 4.4) == 50  # enough time: as asked
+    assert g.epochs_that_fit(50, 100, 190, 4.4) == 1  # past the deadline already: one epoch, not none
+    with pytest.raises(ValueError, match="must be positive"):
+        g.epochs_that_fit(50, 400, 190, 0)
