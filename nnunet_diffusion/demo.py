@@ -32,7 +32,7 @@ DATASET = "Dataset504_HippocampusDemo"
 # the demo's held-out cases; used for the 4-sample step when it is in the checkout
 RELEASE = os.path.join(os.path.dirname(HERE), "models", "Dataset004_Hippocampus_DiffusionTrainer.zip")
 # the short run's default budget and batch size (measured: results/demo_cpu/README.md)
-DEMO_EPOCHS, DEMO_ITERS, DEMO_BATCH = 1, 200, 1
+DEMO_EPOCHS, DEMO_ITERS, DEMO_BATCH = 1, 120, 2
 # mean foreground Dice on the held-out cases from which the demo says the short run learnt the task
 LEARNT_DICE = 0.5
 

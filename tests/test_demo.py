@@ -30,7 +30,7 @@ def test_demo_short_run_keeps_nnunets_initial_learning_rate():
 
 
 def test_demo_verdict_says_whether_the_model_learnt():
-    learnt, text = demo.verdict(0.62, "DiffusionTrainer_1ep200it", 1, 200, 1, 24)
+    learnt, text = demo.verdict(0.62, "DiffusionTrainer_1ep120it", 1, 120, 2, 24)
     assert learnt and "LEARNT" in text and "0.620" in text
     learnt, text = demo.verdict(0.0, "DiffusionTrainer_4ep15it", 4, 15, 2, 24)
     assert not learnt and "did NOT learn" in text and "--iters 120" in text
