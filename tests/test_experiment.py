@@ -70,7 +70,7 @@ def test_experiment_rejects_bad_jobs(jobs, env):
 
 
 def test_training_env_keeps_the_callers_values(monkeypatch):
-    import nnunet_diffusion.cli as cli
+    import nnunet_diffusion.options as cli  # where training_env looks trainers_path up
     from nnunet_diffusion.experiment import training_env
 
     def boom():
