@@ -10,7 +10,7 @@ For each case, from its saved class probabilities P ``(C, *spatial)`` (nnU-Net's
 * **mean uncertainty**: the mean predictive entropy (nats) over the voxels whose background probability is below
   0.9 (the region where the segmentation is decided; the certain background would only dilute it).
 
-``nnunet-diffusion triage -i FOLDER`` writes ``triage.csv`` (cases sorted by expected Dice, the least likely to be
+``python -m nnunet_diffusion.triage -i FOLDER`` writes ``triage.csv`` (cases sorted by expected Dice, the least likely to be
 right first); with ``--summary`` (nnU-Net's ``summary.json`` of the same cases) it also says how well expected Dice
 tracks the true Dice: Spearman's rho, the mean absolute error, and the AUROC of flagging the worst 10 % of cases.
 """
@@ -124,7 +124,7 @@ def triage_quality(rows: Sequence[Dict], truth: Dict[str, float], worst: float =
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="nnunet-diffusion triage", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m nnunet_diffusion.triage", description=__doc__.split("\n\n")[0])
     parser.add_argument("-i", required=True, help="folder of CASE.npz probability files")
     parser.add_argument("-o", help="CSV to write (default: FOLDER/triage.csv)")
     parser.add_argument("--summary", help="nnU-Net's summary.json of the same cases: also measure the triage")
